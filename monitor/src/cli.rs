@@ -1,0 +1,103 @@
+//! Command-line interface. The serve flags are the reference's (`-a/--addr`, `-c/--cgroup`,
+//! `-p/--pgconnstr`), so existing inittab/vm-builder lines keep working.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Event-driven memory-pressure monitor for autoscaled Postgres VMs.
+#[derive(Debug, Parser)]
+#[command(name = "vm-monitor", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// Subcommands; without one, the daemon serves the agent.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report what this kernel and machine offer and which signal tier `auto` would pick.
+    Doctor(DoctorArgs),
+    /// Stream live pressure events (for kernel developers) and print a summary on exit.
+    Trace(TraceArgs),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for collectors.
+    Json,
+}
+
+/// How the daemon learns about memory pressure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SignalChoice {
+    /// Probe and pick the best available: ebpf, then psi, then poll.
+    Auto,
+    /// eBPF tracepoints and a ring buffer.
+    Ebpf,
+    /// PSI trigger on memory.pressure plus memory.events notifications.
+    Psi,
+    /// Read memory.stat every 100 ms (Neon-compatible baseline).
+    Poll,
+}
+
+/// Flags of the daemon (the default command).
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on for the autoscaler-agent (`IP:port` or `host:port`).
+    #[arg(short = 'a', long, default_value = "0.0.0.0:10301")]
+    pub addr: String,
+    /// Name of the cgroup (v2) Postgres runs in, relative to /sys/fs/cgroup.
+    #[arg(short = 'c', long)]
+    pub cgroup: Option<String>,
+    /// Postgres connection string for file-cache resizing; omit to leave the file cache alone.
+    #[arg(short = 'p', long)]
+    pub pgconnstr: Option<String>,
+    /// Pressure signal source.
+    #[arg(long, value_enum, default_value_t = SignalChoice::Auto)]
+    pub signal: SignalChoice,
+    /// In-kernel coalescing window for repeated events of one kind and cgroup, in milliseconds
+    /// (0 sends every event; OOM kills are never coalesced).
+    #[arg(long, default_value_t = 10)]
+    pub coalesce_ms: u64,
+}
+
+/// Flags of `vm-monitor doctor`.
+#[derive(Debug, Args, Clone)]
+pub struct DoctorArgs {
+    /// Machine-readable JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// cgroup to check (relative to /sys/fs/cgroup).
+    #[arg(short = 'c', long)]
+    pub cgroup: Option<String>,
+}
+
+/// Flags of `vm-monitor trace`.
+#[derive(Debug, Args, Clone)]
+pub struct TraceArgs {
+    /// Only memcg reclaim inside this cgroup subtree (relative to /sys/fs/cgroup); guest-wide
+    /// kinds are always shown. Without it, memcg reclaim of every cgroup is shown.
+    #[arg(short = 'c', long)]
+    pub cgroup: Option<String>,
+    /// Stop after this many seconds (default: until Ctrl-C).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// One JSON object per event instead of aligned text.
+    #[arg(long)]
+    pub json: bool,
+    /// Coalescing window in milliseconds (0 = every event).
+    #[arg(long, default_value_t = 0)]
+    pub coalesce_ms: u64,
+    /// Write the events as JSON lines to this file as well.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}

@@ -1,0 +1,20 @@
+//! vm-monitor: an event-driven memory-pressure monitor for autoscaled Postgres VMs, wire
+//! compatible with Neon's vm-monitor.
+//!
+//! Data flows one way: kernel → [`pressure`] stream → engine → policy → actions (websocket
+//! [`server`]/[`session`], cgroup, Postgres).
+
+pub mod backend;
+pub mod cgroup;
+pub mod cli;
+pub mod daemon;
+pub mod doctor;
+pub mod logging;
+pub mod memstat;
+pub mod policy;
+pub mod pressure;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod trace;
+pub mod tracefs;

@@ -1,0 +1,457 @@
+//! The `ebpf` tier: load the embedded tracepoint programs without BTF (field offsets from
+//! tracefs), attach what this kernel has, and turn ring-buffer records into [`PressureEvent`]s.
+//! Nothing polls: the consumer sleeps in epoll until the kernel commits a record.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use monitor_ebpf::{
+    FieldSlot, FieldSlots, GLOBAL_COALESCE_NS, GLOBAL_FIELDS, GLOBAL_TARGET_CGROUP_ID,
+    GLOBAL_TARGET_CGROUP_LEVEL, KindCounters, MAP_COUNTERS, MAP_EVENTS, PressureRecord,
+    RecordKind, TRACEPOINTS,
+};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{PressureEvent, PressureKind};
+use crate::cgroup::CgroupTarget;
+use crate::tracefs::{EventFormat, TraceFs};
+
+/// The eBPF object built by `build.rs` (aya-build), embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vm-monitor-ebpf"));
+
+/// What to load.
+#[derive(Clone, Debug, Default)]
+pub struct EbpfOptions {
+    /// Only memcg reclaim inside this subtree is reported; `None` reports every cgroup.
+    pub target: Option<CgroupTarget>,
+    /// In-kernel coalescing window (zero: every event is sent).
+    pub coalesce: Duration,
+}
+
+/// Result of trying to attach one program.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AttachStatus {
+    /// `category:event`.
+    pub tracepoint: String,
+    /// `attached`, `missing` (no such tracepoint on this kernel) or `failed: ...`.
+    pub state: String,
+}
+
+impl AttachStatus {
+    /// Whether the program is live.
+    pub fn attached(&self) -> bool {
+        self.state == "attached"
+    }
+}
+
+/// Loaded and attached programs. Dropping it detaches everything.
+pub struct EbpfPipeline {
+    ebpf: Ebpf,
+    attach: Vec<AttachStatus>,
+    counters: CounterReader,
+}
+
+/// Reads the per-kind counters (summed over CPUs) while the pipeline runs.
+#[derive(Clone)]
+pub struct CounterReader {
+    map: Arc<Mutex<PerCpuArray<MapData, KindCounters>>>,
+}
+
+impl CounterReader {
+    /// Current totals per kind.
+    pub fn snapshot(&self) -> anyhow::Result<BTreeMap<RecordKind, KindCounters>> {
+        let map = self
+            .map
+            .lock()
+            .map_err(|_| anyhow!("counter map lock poisoned"))?;
+        let mut out = BTreeMap::new();
+        for kind in RecordKind::ALL {
+            let per_cpu = map
+                .get(&(kind as u32), 0)
+                .with_context(|| format!("reading counters of {}", kind.name()))?;
+            let mut sum = KindCounters::default();
+            for c in per_cpu.iter() {
+                sum.seen += c.seen;
+                sum.emitted += c.emitted;
+                sum.coalesced += c.coalesced;
+                sum.dropped += c.dropped;
+            }
+            out.insert(kind, sum);
+        }
+        Ok(out)
+    }
+}
+
+impl EbpfPipeline {
+    /// Loads the programs and attaches every one whose tracepoint exists.
+    pub fn load(opts: &EbpfOptions) -> anyhow::Result<EbpfPipeline> {
+        raise_memlock_limit();
+        let tracefs = TraceFs::locate().context("locating tracefs")?;
+        let slots = field_slots(&tracefs);
+        let target_id = opts.target.as_ref().map(|t| t.id).unwrap_or(0);
+        let target_level = opts.target.as_ref().map(|t| t.level).unwrap_or(0);
+        let coalesce_ns = u64::try_from(opts.coalesce.as_nanos()).unwrap_or(u64::MAX);
+
+        let mut ebpf = EbpfLoader::new()
+            // Neon's kernel has no BTF; offsets come from tracefs instead of CO-RE.
+            .btf(None)
+            .override_global(GLOBAL_TARGET_CGROUP_ID, &target_id, true)
+            .override_global(GLOBAL_TARGET_CGROUP_LEVEL, &target_level, true)
+            .override_global(GLOBAL_COALESCE_NS, &coalesce_ns, true)
+            .override_global(GLOBAL_FIELDS, &slots, true)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (needs root/CAP_BPF+CAP_PERFMON and kernel ≥ 5.8)")?;
+
+        let mut attach = Vec::new();
+        for (prog, category, event) in TRACEPOINTS {
+            let name = format!("{category}:{event}");
+            if !tracefs.has_event(category, event) {
+                attach.push(AttachStatus {
+                    tracepoint: name,
+                    state: "missing".into(),
+                });
+                continue;
+            }
+            let state = match attach_one(&mut ebpf, prog, category, event) {
+                Ok(()) => "attached".to_string(),
+                Err(err) => format!("failed: {err:#}"),
+            };
+            attach.push(AttachStatus {
+                tracepoint: name,
+                state,
+            });
+        }
+        for a in &attach {
+            debug!(tracepoint = %a.tracepoint, state = %a.state, "eBPF attach");
+        }
+        if !attach.iter().any(AttachStatus::attached) {
+            bail!("no eBPF program could be attached: {attach:?}");
+        }
+        let memcg_ok = attach
+            .iter()
+            .filter(|a| a.tracepoint.contains("memcg_reclaim"))
+            .all(AttachStatus::attached);
+        if !memcg_ok {
+            bail!("memcg reclaim tracepoints could not be attached: {attach:?}");
+        }
+
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(MAP_COUNTERS)
+                .ok_or_else(|| anyhow!("eBPF object has no {MAP_COUNTERS} map"))?,
+        )
+        .context("opening the counters map")?;
+        Ok(EbpfPipeline {
+            ebpf,
+            attach,
+            counters: CounterReader {
+                map: Arc::new(Mutex::new(counters)),
+            },
+        })
+    }
+
+    /// Per-tracepoint attach results.
+    pub fn attach_status(&self) -> &[AttachStatus] {
+        &self.attach
+    }
+
+    /// A handle to read the in-kernel counters.
+    pub fn counters(&self) -> CounterReader {
+        self.counters.clone()
+    }
+
+    /// Starts the ring-buffer consumer (and the aya-log forwarder) on the current runtime.
+    /// Events go to `tx`; when the receiver is gone the consumer stops. The returned guard
+    /// keeps the programs attached.
+    pub fn start(mut self, tx: mpsc::Sender<PressureEvent>) -> anyhow::Result<AttachedPrograms> {
+        let ring = RingBuf::try_from(
+            self.ebpf
+                .take_map(MAP_EVENTS)
+                .ok_or_else(|| anyhow!("eBPF object has no {MAP_EVENTS} map"))?,
+        )
+        .context("opening the events ring buffer")?;
+        let ring = super::register_fd(ring, Interest::READABLE)
+            .context("registering the ring buffer with the reactor")?;
+        let consumer = tokio::spawn(consume(ring, tx));
+
+        let logger = match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(logger) => match super::register_fd(logger, Interest::READABLE) {
+                Ok(fd) => Some(tokio::spawn(forward_logs(fd))),
+                Err(err) => {
+                    warn!(error = %err, "cannot watch the eBPF log ring buffer");
+                    None
+                }
+            },
+            Err(err) => {
+                warn!(error = %err, "eBPF logging unavailable");
+                None
+            }
+        };
+        info!(
+            attached = self.attach.iter().filter(|a| a.attached()).count(),
+            total = self.attach.len(),
+            "eBPF programs attached"
+        );
+        Ok(AttachedPrograms {
+            _ebpf: self.ebpf,
+            consumer,
+            logger,
+            counters: self.counters,
+            attach: self.attach,
+        })
+    }
+}
+
+/// Running programs; dropping this detaches them and stops the consumer.
+pub struct AttachedPrograms {
+    _ebpf: Ebpf,
+    consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
+    logger: Option<tokio::task::JoinHandle<()>>,
+    counters: CounterReader,
+    attach: Vec<AttachStatus>,
+}
+
+impl AttachedPrograms {
+    /// A handle to read the in-kernel counters.
+    pub fn counters(&self) -> CounterReader {
+        self.counters.clone()
+    }
+
+    /// Per-tracepoint attach results.
+    pub fn attach_status(&self) -> &[AttachStatus] {
+        &self.attach
+    }
+}
+
+impl Drop for AttachedPrograms {
+    fn drop(&mut self) {
+        self.consumer.abort();
+        if let Some(l) = &self.logger {
+            l.abort();
+        }
+    }
+}
+
+fn attach_one(ebpf: &mut Ebpf, prog: &str, category: &str, event: &str) -> anyhow::Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| anyhow!("program {prog} not in the object"))?
+        .try_into()
+        .with_context(|| format!("program {prog} is not a tracepoint"))?;
+    program
+        .load()
+        .with_context(|| format!("loading {prog} (verifier)"))?;
+    program
+        .attach(category, event)
+        .with_context(|| format!("attaching {prog} to {category}:{event}"))?;
+    Ok(())
+}
+
+/// Drains the ring buffer whenever epoll says it is readable.
+async fn consume(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    tx: mpsc::Sender<PressureEvent>,
+) -> anyhow::Result<()> {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        // Drain before waiting: readiness is edge-triggered, and the kernel only wakes us when
+        // we have caught up, so anything committed before this point must be read now.
+        {
+            let rb = ring.get_mut();
+            while let Some(item) = rb.next() {
+                match decode_record(&item) {
+                    Some(ev) => batch.push(ev),
+                    None => warn!(len = item.len(), "malformed ring-buffer record skipped"),
+                }
+                // `item` is dropped here, which releases its space in the ring.
+            }
+        }
+        for ev in batch.drain(..) {
+            if tx.send(ev).await.is_err() {
+                return Ok(()); // nobody listens any more
+            }
+        }
+        let mut guard = ring
+            .readable_mut()
+            .await
+            .context("waiting on the ring buffer")?;
+        guard.clear_ready();
+    }
+}
+
+async fn forward_logs(mut fd: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>) {
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(err) => {
+                warn!(error = %err, "eBPF log forwarding stopped");
+                return;
+            }
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Decodes one ring-buffer record; `None` for a short record or an unknown kind.
+pub fn decode_record(bytes: &[u8]) -> Option<PressureEvent> {
+    if bytes.len() < std::mem::size_of::<PressureRecord>() {
+        return None;
+    }
+    // SAFETY: length checked above; PressureRecord is plain old data valid for any bit pattern,
+    // and read_unaligned does not require alignment.
+    let rec: PressureRecord =
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<PressureRecord>()) };
+    event_from_record(&rec)
+}
+
+/// Converts a raw record to the tier-independent event.
+pub fn event_from_record(rec: &PressureRecord) -> Option<PressureEvent> {
+    let kind = RecordKind::from_u32(rec.kind)?;
+    let comm_len = rec.comm.iter().position(|&b| b == 0).unwrap_or(rec.comm.len());
+    Some(PressureEvent {
+        ts_ns: rec.ts_ns,
+        kind: PressureKind::Kernel(kind),
+        pid: rec.pid,
+        tgid: rec.tgid,
+        comm: String::from_utf8_lossy(&rec.comm[..comm_len]).into_owned(),
+        cgroup_id: rec.cgroup_id,
+        stall: Duration::from_nanos(rec.stall_ns),
+        value: rec.value,
+        order: rec.order,
+        gfp_flags: rec.gfp_flags,
+        events: rec.events.max(1),
+    })
+}
+
+/// Field offsets for every event this kernel has; absent events/fields stay size 0.
+fn field_slots(tracefs: &TraceFs) -> FieldSlots {
+    let fmt = |cat: &str, ev: &str| -> Option<EventFormat> {
+        if !tracefs.has_event(cat, ev) {
+            return None;
+        }
+        match tracefs.format(cat, ev) {
+            Ok(f) => Some(f),
+            Err(err) => {
+                warn!(event = %format!("{cat}:{ev}"), error = %format!("{err:#}"), "unreadable tracepoint format");
+                None
+            }
+        }
+    };
+    let memcg_begin = fmt("vmscan", "mm_vmscan_memcg_reclaim_begin");
+    let memcg_end = fmt("vmscan", "mm_vmscan_memcg_reclaim_end");
+    let kswapd = fmt("vmscan", "mm_vmscan_kswapd_wake");
+    let oom = fmt("oom", "mark_victim");
+    let memcg_events = fmt("memcg", "count_memcg_events");
+    FieldSlots {
+        reclaim_begin_order: slot(&memcg_begin, "order"),
+        reclaim_begin_gfp: slot(&memcg_begin, "gfp_flags"),
+        reclaim_end_nr: slot(&memcg_end, "nr_reclaimed"),
+        kswapd_nid: slot(&kswapd, "nid"),
+        kswapd_order: slot(&kswapd, "order"),
+        oom_pid: slot(&oom, "pid"),
+        memcg_id: slot(&memcg_events, "id"),
+        memcg_item: slot(&memcg_events, "item"),
+        memcg_val: slot(&memcg_events, "val"),
+        _pad: FieldSlot::default(),
+    }
+}
+
+/// The slot of `field` in `format`, if it is a readable integer (1, 2, 4 or 8 bytes).
+pub fn slot(format: &Option<EventFormat>, field: &str) -> FieldSlot {
+    match format.as_ref().and_then(|f| f.field(field)) {
+        Some(f) if matches!(f.size, 1 | 2 | 4 | 8) => FieldSlot {
+            offset: f.offset,
+            size: f.size,
+        },
+        _ => FieldSlot::default(),
+    }
+}
+
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if rc != 0 {
+        // Kernels ≥ 5.11 account BPF memory to the memcg instead; only older ones need this.
+        debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracefs::parse_format;
+
+    #[test]
+    fn record_layout_matches_the_ebpf_side() {
+        assert_eq!(std::mem::size_of::<PressureRecord>(), 80);
+        assert_eq!(std::mem::align_of::<PressureRecord>(), 8);
+        assert_eq!(std::mem::offset_of!(PressureRecord, ts_ns), 0);
+        assert_eq!(std::mem::offset_of!(PressureRecord, kind), 40);
+        assert_eq!(std::mem::offset_of!(PressureRecord, events), 56);
+        assert_eq!(std::mem::offset_of!(PressureRecord, comm), 64);
+        assert_eq!(std::mem::size_of::<KindCounters>(), 32);
+        assert_eq!(std::mem::size_of::<FieldSlots>(), 40);
+    }
+
+    #[test]
+    fn decodes_a_record() {
+        let mut rec = PressureRecord {
+            ts_ns: 123,
+            cgroup_id: 42,
+            stall_ns: 5_000,
+            value: 32,
+            gfp_flags: 0xcc0,
+            kind: RecordKind::MemcgReclaimEnd as u32,
+            pid: 7,
+            tgid: 6,
+            order: 0,
+            events: 3,
+            _pad: 0,
+            comm: [0; 16],
+        };
+        rec.comm[..8].copy_from_slice(b"postgres");
+        // SAFETY: viewing a POD struct as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&rec as *const PressureRecord).cast::<u8>(),
+                std::mem::size_of::<PressureRecord>(),
+            )
+        };
+        let ev = decode_record(bytes).unwrap();
+        assert_eq!(ev.kind, PressureKind::Kernel(RecordKind::MemcgReclaimEnd));
+        assert_eq!(ev.comm, "postgres");
+        assert_eq!(ev.stall, Duration::from_micros(5));
+        assert_eq!((ev.pid, ev.tgid, ev.cgroup_id, ev.value, ev.events), (7, 6, 42, 32, 3));
+        assert!(decode_record(&bytes[..79]).is_none(), "short record");
+        rec.kind = 99;
+        assert!(event_from_record(&rec).is_none(), "unknown kind");
+        rec.kind = RecordKind::OomVictim as u32;
+        rec.events = 0;
+        assert_eq!(event_from_record(&rec).unwrap().events, 1);
+    }
+
+    #[test]
+    fn slots_only_for_integer_fields() {
+        let f = parse_format(
+            "name: mark_victim\nID: 1\nformat:\n\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:char comm[16];\toffset:12;\tsize:16;\tsigned:0;\n",
+        )
+        .unwrap();
+        let f = Some(f);
+        assert_eq!(slot(&f, "pid"), FieldSlot { offset: 8, size: 4 });
+        assert_eq!(slot(&f, "comm"), FieldSlot::default());
+        assert_eq!(slot(&f, "nope"), FieldSlot::default());
+        assert_eq!(slot(&None, "pid"), FieldSlot::default());
+    }
+}

@@ -1,0 +1,216 @@
+//! `vm-monitor trace`: live pressure events for kernel developers, one line per record, and a
+//! per-kind summary with the in-kernel counters (coalesced, dropped) on exit.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use monitor_ebpf::{KindCounters, RecordKind};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::cgroup::CgroupTarget;
+use crate::cli::TraceArgs;
+use crate::pressure::ebpf::{EbpfOptions, EbpfPipeline};
+use crate::pressure::{PressureEvent, PressureKind};
+
+/// One event as printed with `--json` and written to `--output`.
+#[derive(Debug, Serialize)]
+pub struct EventLine<'a> {
+    pub ts_ns: u64,
+    pub kind: &'a str,
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: &'a str,
+    pub cgroup_id: u64,
+    pub stall_us: u64,
+    pub value: u64,
+    pub order: i32,
+    pub gfp_flags: u64,
+    pub events: u32,
+}
+
+impl<'a> From<&'a PressureEvent> for EventLine<'a> {
+    fn from(ev: &'a PressureEvent) -> Self {
+        EventLine {
+            ts_ns: ev.ts_ns,
+            kind: ev.kind_name(),
+            pid: ev.pid,
+            tgid: ev.tgid,
+            comm: &ev.comm,
+            cgroup_id: ev.cgroup_id,
+            stall_us: ev.stall.as_micros() as u64,
+            value: ev.value,
+            order: ev.order,
+            gfp_flags: ev.gfp_flags,
+            events: ev.events,
+        }
+    }
+}
+
+/// The aligned text form of one event.
+pub fn format_text(ev: &PressureEvent) -> String {
+    let payload = match &ev.kind {
+        PressureKind::Kernel(RecordKind::MemcgReclaimBegin | RecordKind::DirectReclaimBegin) => {
+            format!("order={} gfp=0x{:x}", ev.order, ev.gfp_flags)
+        }
+        PressureKind::Kernel(RecordKind::MemcgReclaimEnd | RecordKind::DirectReclaimEnd) => {
+            format!("nr_reclaimed={}", ev.value)
+        }
+        PressureKind::Kernel(RecordKind::KswapdWake) => format!("nid={} order={}", ev.value, ev.order),
+        PressureKind::Kernel(RecordKind::OomVictim) => format!("victim_pid={}", ev.value),
+        PressureKind::Kernel(RecordKind::MemcgEvents) => format!("item={} val={}", ev.order, ev.value),
+        other => format!("{other:?}"),
+    };
+    format!(
+        "{:>14.6} {:<21} {:>7} {:<16} {:>8} {:<28} {:>9} x{}",
+        ev.ts_ns as f64 / 1e9,
+        ev.kind_name(),
+        ev.pid,
+        ev.comm,
+        ev.cgroup_id,
+        payload,
+        format!("{}us", ev.stall.as_micros()),
+        ev.events
+    )
+}
+
+/// Per-kind totals seen by this run.
+#[derive(Debug, Default, Serialize, Clone, Copy)]
+pub struct Seen {
+    /// Records received.
+    pub records: u64,
+    /// Events those records represent (after in-kernel coalescing).
+    pub events: u64,
+}
+
+/// Streams events until Ctrl-C/SIGTERM or `--duration`, then prints the summary.
+pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
+    if let Some(d) = args.duration
+        && !(d.is_finite() && d > 0.0)
+    {
+        bail!("--duration must be a positive number of seconds, got {d}");
+    }
+    let target = match &args.cgroup {
+        Some(name) => Some(CgroupTarget::resolve(name)?),
+        None => None,
+    };
+    let pipeline = EbpfPipeline::load(&EbpfOptions {
+        target,
+        coalesce: Duration::from_millis(args.coalesce_ms),
+    })?;
+    let (tx, mut rx) = mpsc::channel(4096);
+    let running = pipeline.start(tx)?;
+    let mut out_file = match &args.output {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    eprintln!(
+        "tracing: {} (Ctrl-C to stop)",
+        running
+            .attach_status()
+            .iter()
+            .map(|a| format!("{} {}", a.tracepoint, a.state))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !args.json {
+        println!(
+            "{:>14} {:<21} {:>7} {:<16} {:>8} {:<28} {:>9} {}",
+            "TIME(s)", "KIND", "PID", "COMM", "CGROUP", "PAYLOAD", "STALL", "EVENTS"
+        );
+    }
+
+    let deadline = async {
+        match args.duration {
+            Some(d) => tokio::time::sleep(Duration::from_secs_f64(d)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let stop = crate::daemon::shutdown_signal();
+    tokio::pin!(stop);
+    let mut seen: BTreeMap<&'static str, Seen> = BTreeMap::new();
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            _ = &mut stop => break,
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                let s = seen.entry(ev.kind_name()).or_default();
+                s.records += 1;
+                s.events += u64::from(ev.events);
+                if args.json {
+                    serde_json::to_writer(&mut stdout, &EventLine::from(&ev)).context("writing to stdout")?;
+                    writeln!(stdout).context("writing to stdout")?;
+                } else {
+                    writeln!(stdout, "{}", format_text(&ev)).context("writing to stdout")?;
+                }
+                if let Some(f) = out_file.as_mut() {
+                    serde_json::to_writer(&mut *f, &EventLine::from(&ev)).context("writing the output file")?;
+                    writeln!(f).context("writing the output file")?;
+                }
+                // Flush when caught up, so a pipe reader sees events promptly without a flush
+                // per line during storms.
+                if rx.is_empty() {
+                    stdout.flush().context("flushing stdout")?;
+                }
+            }
+        }
+    }
+    // Let records already committed reach us before the summary.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    while let Ok(ev) = rx.try_recv() {
+        let s = seen.entry(ev.kind_name()).or_default();
+        s.records += 1;
+        s.events += u64::from(ev.events);
+    }
+    if let Some(mut f) = out_file {
+        f.flush().context("flushing the output file")?;
+    }
+    let counters = running.counters().snapshot()?;
+    let summary = render_summary(&seen, &counters);
+    if args.json {
+        let json = serde_json::json!({
+            "summary": counters.iter().map(|(k, c)| (k.name().to_string(), serde_json::json!({
+                "received_records": seen.get(k.name()).map(|s| s.records).unwrap_or(0),
+                "received_events": seen.get(k.name()).map(|s| s.events).unwrap_or(0),
+                "seen": c.seen, "emitted": c.emitted, "coalesced": c.coalesced, "dropped": c.dropped,
+            }))).collect::<serde_json::Map<_, _>>()
+        });
+        writeln!(stdout, "{json}").context("writing to stdout")?;
+    } else {
+        write!(stdout, "{summary}").context("writing to stdout")?;
+    }
+    stdout.flush().context("flushing stdout")?;
+    Ok(())
+}
+
+/// Summary table: what we received per kind next to the kernel's own counters.
+pub fn render_summary(
+    seen: &BTreeMap<&'static str, Seen>,
+    counters: &BTreeMap<RecordKind, KindCounters>,
+) -> String {
+    let mut s = format!(
+        "\n{:<21} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+        "KIND", "RECORDS", "EVENTS", "SEEN", "EMITTED", "COALESCED", "DROPPED"
+    );
+    for (kind, c) in counters {
+        let got = seen.get(kind.name()).copied().unwrap_or_default();
+        s.push_str(&format!(
+            "{:<21} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            kind.name(),
+            got.records,
+            got.events,
+            c.seen,
+            c.emitted,
+            c.coalesced,
+            c.dropped
+        ));
+    }
+    s
+}

@@ -1,0 +1,241 @@
+//! The real eBPF programs on the running (host) kernel, as root.
+//!
+//! The host's memory controller is cgroup v1 and belongs to the machine: these tests only ever
+//! create a throw-away v1 child of *their own* memory cgroup, with a small limit, and remove it.
+//! With no v2 target the programs report memcg reclaim of every cgroup; the tests pick out the
+//! records of the workload's own pid.
+//!
+//! Run with `cargo test -p monitor --test host_ebpf -- --ignored --test-threads=1` (as
+//! `cargo xtask test` does).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use monitor::pressure::ebpf::{AttachedPrograms, EbpfOptions, EbpfPipeline};
+use monitor::pressure::{PressureEvent, PressureKind, RecordKind};
+use tokio::sync::mpsc;
+
+/// A v1 memory child of this process's own memory cgroup; removed on drop.
+struct ScratchMemcg {
+    dir: PathBuf,
+}
+
+impl ScratchMemcg {
+    fn create(tag: &str, limit_bytes: u64) -> ScratchMemcg {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own
+            .lines()
+            .find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                controllers
+                    .split(',')
+                    .any(|c| c == "memory")
+                    .then(|| path.to_string())
+            })
+            .expect("this test needs a cgroup v1 memory controller (the host's layout)");
+        let dir = Path::new("/sys/fs/cgroup/memory")
+            .join(rel.trim_start_matches('/'))
+            .join(format!("vmmon-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit_bytes.to_string()).unwrap();
+        ScratchMemcg { dir }
+    }
+
+    /// Runs `script` with `sh` inside the cgroup; returns (pid, exit status).
+    fn run(&self, script: &str) -> (u32, std::process::ExitStatus) {
+        let procs = self.dir.join("cgroup.procs");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {} && exec {script}", procs.display()))
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let status = child.wait().unwrap();
+        (pid, status)
+    }
+}
+
+impl Drop for ScratchMemcg {
+    fn drop(&mut self) {
+        // Every task has exited by now; the kernel keeps charged page cache as a zombie memcg.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("warning: could not remove {}", self.dir.display());
+    }
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "host eBPF tests load BPF programs and must run as root"
+    );
+}
+
+async fn start(coalesce: Duration) -> (AttachedPrograms, mpsc::Receiver<PressureEvent>) {
+    let pipeline = EbpfPipeline::load(&EbpfOptions {
+        target: None,
+        coalesce,
+    })
+    .expect("loading the eBPF programs on the host kernel");
+    let attached: Vec<_> = pipeline
+        .attach_status()
+        .iter()
+        .filter(|a| a.attached())
+        .map(|a| a.tracepoint.clone())
+        .collect();
+    for tp in [
+        "vmscan:mm_vmscan_memcg_reclaim_begin",
+        "vmscan:mm_vmscan_memcg_reclaim_end",
+        "vmscan:mm_vmscan_direct_reclaim_begin",
+        "vmscan:mm_vmscan_direct_reclaim_end",
+        "vmscan:mm_vmscan_kswapd_wake",
+        "oom:mark_victim",
+    ] {
+        assert!(attached.iter().any(|a| a == tp), "{tp} not attached: {attached:?}");
+    }
+    let (tx, rx) = mpsc::channel(65536);
+    (pipeline.start(tx).expect("starting the consumer"), rx)
+}
+
+/// Waits until no record has arrived for a while, returning everything received.
+async fn drain(rx: &mut mpsc::Receiver<PressureEvent>) -> Vec<PressureEvent> {
+    let mut out = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        out.push(ev);
+    }
+    out
+}
+
+fn scratch_file(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    dir.join(format!("{name}-{}", std::process::id()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the host kernel; run by `cargo xtask test`"]
+async fn memcg_reclaim_events_arrive_with_stall_and_counters_add_up() {
+    require_root();
+    let (programs, mut rx) = start(Duration::ZERO).await;
+    let cg = ScratchMemcg::create("reclaim", 16 << 20);
+    let file = scratch_file("reclaim-fill");
+    // 96 MiB of page cache through a 16 MiB limit: the memcg must reclaim over and over.
+    let (pid, status) = cg.run(&format!(
+        "dd if=/dev/zero of={} bs=1M count=96 conv=fsync status=none",
+        file.display()
+    ));
+    assert!(status.success(), "workload failed: {status}");
+    let before = programs.counters().snapshot().unwrap();
+    let events = drain(&mut rx).await;
+    let after = programs.counters().snapshot().unwrap();
+    let _ = std::fs::remove_file(&file);
+
+    let mine: Vec<_> = events.iter().filter(|e| e.tgid == pid).collect();
+    let begins = mine
+        .iter()
+        .filter(|e| e.kind == PressureKind::Kernel(RecordKind::MemcgReclaimBegin))
+        .count();
+    let ends: Vec<_> = mine
+        .iter()
+        .filter(|e| e.kind == PressureKind::Kernel(RecordKind::MemcgReclaimEnd))
+        .collect();
+    assert!(begins > 0, "no memcg reclaim begin for pid {pid}; got {} records in all", events.len());
+    assert!(!ends.is_empty(), "no memcg reclaim end for pid {pid}");
+    assert!(
+        ends.iter().any(|e| !e.stall.is_zero()),
+        "every reclaim end has zero stall: {ends:?}"
+    );
+    assert!(ends.iter().map(|e| e.value).sum::<u64>() > 0, "nothing reclaimed");
+    assert!(mine.iter().all(|e| e.comm == "dd"), "comm of the workload: {mine:?}");
+    // Timestamps are CLOCK_BOOTTIME, the clock perf/trace-cmd use.
+    let now = monitor::pressure::boottime_ns();
+    assert!(mine.iter().all(|e| e.ts_ns > 0 && e.ts_ns <= now));
+
+    // Nothing is lost silently: every hit is either sent, coalesced or counted as dropped,
+    // and what we received is what the kernel says it sent.
+    let received = count_by_kind(&events);
+    for (kind, c) in &after {
+        assert_eq!(c.seen, c.emitted + c.coalesced + c.dropped, "{kind:?}: {c:?}");
+        assert_eq!(c.coalesced, 0, "{kind:?}: coalescing was off");
+        let got = received.get(kind).copied().unwrap_or(0);
+        let low = before.get(kind).map(|c| c.emitted).unwrap_or(0);
+        assert!(
+            low <= got && got <= c.emitted,
+            "{kind:?}: received {got}, kernel emitted between {low} and {}",
+            c.emitted
+        );
+    }
+    println!(
+        "pid {pid}: {begins} reclaim begins, {} ends, max stall {:?}, counters {after:?}",
+        ends.len(),
+        ends.iter().map(|e| e.stall).max()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the host kernel; run by `cargo xtask test`"]
+async fn coalescing_bounds_records_and_counts_what_it_folds() {
+    require_root();
+    // A window longer than the workload: each (kind, cgroup) sends its first record only.
+    let (programs, mut rx) = start(Duration::from_secs(30)).await;
+    let cg = ScratchMemcg::create("coalesce", 16 << 20);
+    let file = scratch_file("coalesce-fill");
+    let (pid, status) = cg.run(&format!(
+        "dd if=/dev/zero of={} bs=1M count=96 conv=fsync status=none",
+        file.display()
+    ));
+    assert!(status.success(), "workload failed: {status}");
+    let events = drain(&mut rx).await;
+    let counters = programs.counters().snapshot().unwrap();
+    let _ = std::fs::remove_file(&file);
+
+    let c = counters[&RecordKind::MemcgReclaimBegin];
+    assert!(c.coalesced > 0, "a 30 s window folded nothing: {c:?}");
+    assert_eq!(c.seen, c.emitted + c.coalesced + c.dropped, "{c:?}");
+    let mine_begins = events
+        .iter()
+        .filter(|e| e.tgid == pid && e.kind == PressureKind::Kernel(RecordKind::MemcgReclaimBegin))
+        .count();
+    assert!(mine_begins <= 1, "coalescing let {mine_begins} begins through for one cgroup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the host kernel; run by `cargo xtask test`"]
+async fn oom_kill_is_reported_with_the_victim_pid() {
+    require_root();
+    let (programs, mut rx) = start(Duration::from_secs(30)).await;
+    let cg = ScratchMemcg::create("oom", 16 << 20);
+    // Anonymous memory beyond the limit with no swap: the memcg OOM killer must kill it.
+    // `tail` keeps the whole newline-free stream in memory.
+    let (pid, status) = cg.run("tail /dev/zero");
+    assert!(!status.success(), "the allocation should have been OOM-killed");
+    let events = drain(&mut rx).await;
+    let oom: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == PressureKind::Kernel(RecordKind::OomVictim))
+        .collect();
+    assert!(
+        oom.iter().any(|e| e.value == u64::from(pid)),
+        "no oom_victim record for pid {pid}: {oom:?}"
+    );
+    let c = programs.counters().snapshot().unwrap()[&RecordKind::OomVictim];
+    assert_eq!(c.coalesced, 0, "OOM kills are never coalesced: {c:?}");
+}
+
+fn count_by_kind(events: &[PressureEvent]) -> BTreeMap<RecordKind, u64> {
+    let mut m = BTreeMap::new();
+    for e in events {
+        if let PressureKind::Kernel(k) = e.kind {
+            *m.entry(k).or_insert(0) += 1;
+        }
+    }
+    m
+}
