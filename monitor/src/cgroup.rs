@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
+use crate::memstat::{
+    MemoryEvents, MemoryHigh, MemoryStat, parse_memory_events, parse_memory_high, parse_memory_stat,
+};
+
 /// Where cgroup v2 is mounted in the VM.
 pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup";
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -60,6 +64,99 @@ impl CgroupTarget {
     /// `cgroup.subtree_control`, which is what makes `memory.*` files appear).
     pub fn has_memory_controller(&self) -> bool {
         self.path.join("memory.stat").exists()
+    }
+}
+
+/// Reads and writes the watched cgroup's memory files.
+///
+/// `memory.high` is written through cgroups-rs. `memory.stat`/`memory.events`/`memory.current`
+/// are read directly and parsed strictly: cgroups-rs' stat reader turns an unreadable or
+/// malformed file into zeros (the reference's silent "approve every downscale" failure), and
+/// it reads six files where a pressure event needs one.
+pub struct CgroupMemory {
+    target: CgroupTarget,
+    memory: cgroups_rs::fs::memory::MemController,
+}
+
+impl CgroupMemory {
+    /// Opens `target`, checking that it is on cgroup v2 with the memory controller enabled.
+    pub fn open(target: &CgroupTarget) -> anyhow::Result<CgroupMemory> {
+        if !target.has_memory_controller() {
+            bail!(
+                "cgroup {} has no memory controller (memory.stat missing): enable it in the \
+                 parent with `echo +memory > {}/cgroup.subtree_control`",
+                target.name,
+                target
+                    .path
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
+        let hierarchy = Box::new(cgroups_rs::fs::hierarchies::V2::new());
+        let cg = cgroups_rs::fs::Cgroup::load(hierarchy, target.name.as_str());
+        let memory = cg
+            .controller_of::<cgroups_rs::fs::memory::MemController>()
+            .ok_or_else(|| anyhow::anyhow!("cgroups-rs found no memory controller for {}", target.name))?
+            .clone();
+        Ok(CgroupMemory {
+            target: target.clone(),
+            memory,
+        })
+    }
+
+    /// The cgroup this reads.
+    pub fn target(&self) -> &CgroupTarget {
+        &self.target
+    }
+
+    fn read(&self, file: &str) -> anyhow::Result<String> {
+        let path = self.target.path.join(file);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// `memory.stat`.
+    pub fn stat(&self) -> anyhow::Result<MemoryStat> {
+        let text = self.read("memory.stat")?;
+        Ok(parse_memory_stat(&text)?)
+    }
+
+    /// `memory.current` in bytes.
+    pub fn current(&self) -> anyhow::Result<u64> {
+        let text = self.read("memory.current")?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("memory.current of {} is {:?}", self.target.name, text.trim()))
+    }
+
+    /// `memory.events`.
+    pub fn events(&self) -> anyhow::Result<MemoryEvents> {
+        let text = self.read("memory.events")?;
+        Ok(parse_memory_events(&text)?)
+    }
+
+    /// `memory.high`.
+    pub fn high(&self) -> anyhow::Result<MemoryHigh> {
+        let text = self.read("memory.high")?;
+        Ok(parse_memory_high(&text)?)
+    }
+
+    /// Writes `memory.high`.
+    pub fn set_high(&self, value: MemoryHigh) -> anyhow::Result<()> {
+        let v = match value {
+            MemoryHigh::Max => cgroups_rs::fs::MaxValue::Max,
+            MemoryHigh::Bytes(b) => cgroups_rs::fs::MaxValue::Value(
+                i64::try_from(b).context("memory.high value does not fit in i64")?,
+            ),
+        };
+        self.memory
+            .set_mem(cgroups_rs::fs::memory::SetMemory {
+                high: Some(v),
+                low: None,
+                min: None,
+                max: None,
+            })
+            .with_context(|| format!("writing {value} to memory.high of {}", self.target.name))
     }
 }
 

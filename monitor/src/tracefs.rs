@@ -79,8 +79,12 @@ fn parse_field_line(line: &str) -> anyhow::Result<Field> {
         }
     }
     let decl = decl.ok_or_else(|| anyhow!("no declaration"))?;
-    // The name is the last identifier, before any array suffix: `char comm[16]`.
-    let without_array = decl.split('[').next().unwrap_or(decl).trim_end();
+    // The name is the last identifier, before a trailing array suffix (`char comm[16]`); in
+    // `__data_loc char[] comm` the brackets belong to the type.
+    let without_array = match (decl.ends_with(']'), decl.rfind('[')) {
+        (true, Some(i)) => decl[..i].trim_end(),
+        _ => decl,
+    };
     let split_at = without_array
         .rfind(|c: char| c.is_whitespace() || c == '*')
         .map(|i| i + 1)
