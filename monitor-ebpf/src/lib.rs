@@ -161,10 +161,22 @@ pub struct FieldSlots {
 
 /// Tracepoints the programs attach to: (program name in the object, category, event).
 pub const TRACEPOINTS: [(&str, &str, &str); 7] = [
-    ("memcg_reclaim_begin", "vmscan", "mm_vmscan_memcg_reclaim_begin"),
+    (
+        "memcg_reclaim_begin",
+        "vmscan",
+        "mm_vmscan_memcg_reclaim_begin",
+    ),
     ("memcg_reclaim_end", "vmscan", "mm_vmscan_memcg_reclaim_end"),
-    ("direct_reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin"),
-    ("direct_reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end"),
+    (
+        "direct_reclaim_begin",
+        "vmscan",
+        "mm_vmscan_direct_reclaim_begin",
+    ),
+    (
+        "direct_reclaim_end",
+        "vmscan",
+        "mm_vmscan_direct_reclaim_end",
+    ),
     ("kswapd_wake", "vmscan", "mm_vmscan_kswapd_wake"),
     ("oom_mark_victim", "oom", "mark_victim"),
     ("memcg_count_events", "memcg", "count_memcg_events"),

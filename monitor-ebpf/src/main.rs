@@ -175,7 +175,7 @@ fn report(hit: Hit) {
             kind: hit.kind as u32,
             _pad: 0,
         };
-        if let Some(st) = COALESCE.get_ptr_mut(&key) {
+        if let Some(st) = COALESCE.get_ptr_mut(key) {
             // SAFETY: pointer from a successful map lookup.
             let st = unsafe { &mut *st };
             if hit.ts_ns.wrapping_sub(st.last_emit_ns) < window {
@@ -199,7 +199,7 @@ fn report(hit: Hit) {
                 pending_stall_ns: 0,
                 pending_value: 0,
             };
-            let _ = COALESCE.insert(&key, &st, 0);
+            let _ = COALESCE.insert(key, st, 0);
         }
     }
 
@@ -223,7 +223,11 @@ fn report(hit: Hit) {
         _pad: 0,
         comm,
     });
-    entry.submit(if urgent { BPF_RB_FORCE_WAKEUP as u64 } else { 0 });
+    entry.submit(if urgent {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        0
+    });
     c.emitted += 1;
 }
 
@@ -231,7 +235,7 @@ fn report(hit: Hit) {
 fn on_reclaim_begin(ctx: &TracePointContext, kind: RecordKind, begins: &HashMap<u32, u64>) {
     let ts = now_ns();
     let tid = bpf_get_current_pid_tgid() as u32;
-    let _ = begins.insert(&tid, &ts, 0);
+    let _ = begins.insert(tid, ts, 0);
     let f = fields();
     report(Hit {
         kind,
@@ -249,11 +253,11 @@ fn on_reclaim_end(ctx: &TracePointContext, kind: RecordKind, begins: &HashMap<u3
     let ts = now_ns();
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: the value is copied out before the entry is removed.
-    let stall = match unsafe { begins.get(&tid) } {
+    let stall = match unsafe { begins.get(tid) } {
         Some(begin) => ts.saturating_sub(*begin),
         None => 0,
     };
-    let _ = begins.remove(&tid);
+    let _ = begins.remove(tid);
     report(Hit {
         kind,
         ts_ns: ts,

@@ -58,9 +58,13 @@ pub fn format_text(ev: &PressureEvent) -> String {
         PressureKind::Kernel(RecordKind::MemcgReclaimEnd | RecordKind::DirectReclaimEnd) => {
             format!("nr_reclaimed={}", ev.value)
         }
-        PressureKind::Kernel(RecordKind::KswapdWake) => format!("nid={} order={}", ev.value, ev.order),
+        PressureKind::Kernel(RecordKind::KswapdWake) => {
+            format!("nid={} order={}", ev.value, ev.order)
+        }
         PressureKind::Kernel(RecordKind::OomVictim) => format!("victim_pid={}", ev.value),
-        PressureKind::Kernel(RecordKind::MemcgEvents) => format!("item={} val={}", ev.order, ev.value),
+        PressureKind::Kernel(RecordKind::MemcgEvents) => {
+            format!("item={} val={}", ev.order, ev.value)
+        }
         other => format!("{other:?}"),
     };
     format!(
@@ -119,8 +123,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     );
     if !args.json {
         println!(
-            "{:>14} {:<21} {:>7} {:<16} {:>8} {:<28} {:>9} {}",
-            "TIME(s)", "KIND", "PID", "COMM", "CGROUP", "PAYLOAD", "STALL", "EVENTS"
+            "{:>14} {:<21} {:>7} {:<16} {:>8} {:<28} {:>9} EVENTS",
+            "TIME(s)", "KIND", "PID", "COMM", "CGROUP", "PAYLOAD", "STALL"
         );
     }
 
