@@ -68,6 +68,52 @@ pub struct ServeArgs {
     /// (0 sends every event; OOM kills are never coalesced).
     #[arg(long, default_value_t = 10)]
     pub coalesce_ms: u64,
+    /// Never write the cgroup's memory.high. Detection then relies on reclaim the kernel does
+    /// on its own (memory.max, guest-wide direct reclaim, OOM) and on PSI/poll readings; usage
+    /// can cross the upscale threshold without any memcg reclaim event.
+    #[arg(long)]
+    pub no_memory_high: bool,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// Scaling constants; the defaults are the reference monitor's.
+#[derive(Debug, Args, Clone)]
+#[command(next_help_heading = "Scaling policy")]
+pub struct PolicyArgs {
+    /// Request an upscale when non-reclaimable memory reaches this fraction of usable memory.
+    #[arg(long, default_value_t = 0.85)]
+    pub upscale_threshold: f64,
+    /// Memory kept back for the system: usable = allocation − this (MiB).
+    #[arg(long, default_value_t = 100)]
+    pub sys_buffer_mib: u64,
+    /// A downscale must leave the new threshold this far above usage (MiB).
+    #[arg(long, default_value_t = 100)]
+    pub downscale_buffer_mib: u64,
+    /// File cache at most this fraction of usable memory.
+    #[arg(long, default_value_t = 0.75)]
+    pub file_cache_multiplier: f64,
+    /// File cache at most (usable − min remaining) / (1 + this).
+    #[arg(long, default_value_t = 0.1)]
+    pub file_cache_spread: f64,
+    /// Memory left outside the file cache (MiB).
+    #[arg(long, default_value_t = 256)]
+    pub file_cache_min_remaining_mib: u64,
+    /// Minimum spacing of UpscaleRequests (ms).
+    #[arg(long, default_value_t = 1000)]
+    pub upscale_interval_ms: u64,
+    /// While an upscale is pending and pressure continues, raise memory.high by this (MiB)...
+    #[arg(long, default_value_t = 10)]
+    pub memory_high_step_mib: u64,
+    /// ...at most this often (ms).
+    #[arg(long, default_value_t = 25)]
+    pub memory_high_step_ms: u64,
+    /// A guest-wide direct-reclaim stall at least this long requests an upscale (ms).
+    #[arg(long, default_value_t = 10)]
+    pub direct_reclaim_stall_ms: u64,
+    /// Timeout of each Postgres statement (ms).
+    #[arg(long, default_value_t = 2000)]
+    pub pg_timeout_ms: u64,
 }
 
 /// Flags of `vm-monitor doctor`.

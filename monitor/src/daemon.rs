@@ -4,11 +4,13 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::backend;
-use crate::cgroup::CgroupTarget;
+use crate::cgroup::{CgroupMemory, CgroupTarget};
+use crate::engine::{self, EngineParts};
+use crate::policy;
 use crate::cli::{ServeArgs, SignalChoice};
 use crate::pressure::ebpf::{AttachedPrograms, EbpfOptions, EbpfPipeline};
 use crate::pressure::probe::{choose_tier, probe};
@@ -83,7 +85,8 @@ pub async fn start_pressure(
             Err(err) if choice == SignalChoice::Auto => {
                 let mut fallback = caps.tier_inputs();
                 fallback.can_load_bpf = false;
-                let (t, r) = choose_tier(fallback, SignalChoice::Auto).map_err(anyhow::Error::msg)?;
+                let (t, r) =
+                    choose_tier(fallback, SignalChoice::Auto).map_err(anyhow::Error::msg)?;
                 warn!(error = %format!("{err:#}"), fallback = %t, "eBPF could not be loaded; falling back");
                 tier = t;
                 reason = format!("eBPF failed to load ({err:#}); {r}");
@@ -100,21 +103,118 @@ pub async fn start_pressure(
     Ok((tier, PressureSource::Tasks(tasks)))
 }
 
+/// The policy configuration from the command line, validated, with errors naming the flag.
+pub fn policy_config(args: &ServeArgs) -> anyhow::Result<policy::Config> {
+    let p = &args.policy;
+    let ms = Duration::from_millis;
+    let cfg = policy::Config {
+        manage_cgroup: args.cgroup.is_some(),
+        manage_file_cache: args.pgconnstr.is_some(),
+        manage_memory_high: !args.no_memory_high,
+        sys_buffer: p.sys_buffer_mib.saturating_mul(policy::MIB),
+        file_cache: policy::FileCacheConfig {
+            resource_multiplier: p.file_cache_multiplier,
+            spread_factor: p.file_cache_spread,
+            min_remaining_after_cache: p.file_cache_min_remaining_mib.saturating_mul(policy::MIB),
+        },
+        upscale_threshold_fraction: p.upscale_threshold,
+        downscale_buffer: p.downscale_buffer_mib.saturating_mul(policy::MIB),
+        upscale_min_interval: ms(p.upscale_interval_ms),
+        memory_high_step: p.memory_high_step_mib.saturating_mul(policy::MIB),
+        memory_high_step_every: ms(p.memory_high_step_ms),
+        direct_reclaim_stall: ms(p.direct_reclaim_stall_ms),
+        ..policy::Config::default()
+    };
+    cfg.validate().map_err(|e| {
+        let flag = match e.field {
+            "sys_buffer" => "--sys-buffer-mib",
+            "file_cache.resource_multiplier" => "--file-cache-multiplier",
+            "file_cache.spread_factor" => "--file-cache-spread",
+            "file_cache.min_remaining_after_cache" => "--file-cache-min-remaining-mib",
+            "upscale_threshold_fraction" => "--upscale-threshold",
+            "downscale_buffer" => "--downscale-buffer-mib",
+            "upscale_min_interval" => "--upscale-interval-ms",
+            "memory_high_step" => "--memory-high-step-mib",
+            "memory_high_step_every" => "--memory-high-step-ms",
+            "direct_reclaim_stall" => "--direct-reclaim-stall-ms",
+            other => other,
+        };
+        anyhow::anyhow!("invalid {flag}: {}", e.message)
+    })?;
+    if args.policy.pg_timeout_ms == 0 {
+        bail!("invalid --pg-timeout-ms: must be positive");
+    }
+    Ok(cfg)
+}
+
 /// Runs the daemon.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = policy_config(&args)?;
+    let policy = policy::Policy::new(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Fail on bad input before binding or touching anything.
+    let target = match &args.cgroup {
+        Some(name) => Some(CgroupTarget::resolve(name)?),
+        None => None,
+    };
+    let cgroup = match &target {
+        Some(t) => Some(CgroupMemory::open(t)?),
+        None => None,
+    };
+    let file_cache = match &args.pgconnstr {
+        Some(connstr) => {
+            let statement = Duration::from_millis(args.policy.pg_timeout_ms);
+            let timeouts = crate::filecache::Timeouts {
+                statement,
+                connect: statement,
+                call: statement * 2,
+                ..Default::default()
+            };
+            Some(crate::filecache::FileCache::new(connstr, timeouts)?)
+        }
+        None => None,
+    };
     let listener = crate::server::bind(&args.addr).await?;
     let local = listener
         .local_addr()
         .context("reading the listener's address")?;
-    if args.cgroup.is_some() || args.pgconnstr.is_some() {
-        // The scaling engine (issue 4) is what manages a cgroup and the file cache; until it is
-        // wired in, refuse rather than pretend to manage them.
-        bail!(
-            "--cgroup/--pgconnstr: the scaling engine is not available in this build; run \
-             without them to serve the protocol only"
-        );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down");
+        let _ = shutdown_tx.send(true);
+    });
+
+    let (backend, engine, _source) = if cgroup.is_none() && file_cache.is_none() {
+        info!(addr = %local, "server bound; not managing a cgroup or file cache");
+        (backend::spawn_unmanaged(), None, None)
+    } else {
+        let (pressure, source) = match &target {
+            Some(t) => {
+                let (tx, rx) = mpsc::channel(4096);
+                let coalesce = Duration::from_millis(args.coalesce_ms);
+                let (_tier, source) = start_pressure(t, args.signal, coalesce, tx).await?;
+                (Some(rx), Some(source))
+            }
+            None => (None, None),
+        };
+        let parts = EngineParts {
+            policy,
+            cgroup,
+            file_cache,
+            mem_total: engine::mem_total()?,
+        };
+        let handle = engine::spawn(parts, pressure, shutdown_rx.clone(), None);
+        info!(addr = %local, cgroup = ?args.cgroup, file_cache = args.pgconnstr.is_some(), "server bound");
+        (handle.backend, Some(handle.task), source)
+    };
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = crate::server::serve(listener, backend, async move {
+        let _ = server_shutdown.wait_for(|stop| *stop).await;
+    });
+    let served = server.await;
+    if let Some(task) = engine {
+        task.await.context("engine task panicked")??;
     }
-    let backend = backend::spawn_unmanaged();
-    info!(addr = %local, "server bound; not managing a cgroup or file cache");
-    crate::server::serve(listener, backend, shutdown_signal()).await
+    served
 }

@@ -9,6 +9,8 @@ pub mod cgroup;
 pub mod cli;
 pub mod daemon;
 pub mod doctor;
+pub mod engine;
+pub mod filecache;
 pub mod logging;
 pub mod memstat;
 pub mod policy;

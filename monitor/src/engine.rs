@@ -1,0 +1,375 @@
+//! The engine: glues pressure events, on-demand cgroup readings and agent requests to the pure
+//! [`Policy`], and applies its actions (cgroup `memory.high`, Postgres file cache, replies,
+//! `UpscaleRequest`s). One task owns all VM-wide state for the daemon's lifetime, so an agent
+//! reconnect resets nothing.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::backend::{BackendHandle, ScalingCall, ScalingOutcome, ScalingRequest};
+use crate::cgroup::CgroupMemory;
+use crate::filecache::FileCache;
+use crate::policy::{Action, Decision, Effect, Input, Policy, PressureSignal};
+use crate::pressure::{PressureEvent, PressureKind, boottime_ns};
+
+/// Most pressure events folded into one on-demand reading.
+const MAX_BURST: usize = 256;
+
+/// What the engine manages.
+pub struct EngineParts {
+    pub policy: Policy,
+    /// The watched cgroup (`--cgroup`).
+    pub cgroup: Option<CgroupMemory>,
+    /// The Postgres file cache (`--pgconnstr`).
+    pub file_cache: Option<FileCache>,
+    /// Total memory at startup (MemTotal), the reference's starting size.
+    pub mem_total: u64,
+}
+
+/// Observers of the engine (decision log, metrics) get every decision here.
+pub type DecisionSink = mpsc::UnboundedSender<Decision>;
+
+/// The running engine's handles.
+pub struct EngineHandle {
+    /// For the websocket server.
+    pub backend: BackendHandle,
+    /// Resolves with the engine's result after shutdown (memory.high restored).
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts the engine. It stops after `shutdown` flips to true, once memory.high is back at
+/// `max` and every pending request has been answered.
+pub fn spawn(
+    parts: EngineParts,
+    pressure: Option<mpsc::Receiver<PressureEvent>>,
+    shutdown: watch::Receiver<bool>,
+    decisions: Option<DecisionSink>,
+) -> EngineHandle {
+    let (calls_tx, calls_rx) = mpsc::channel(64);
+    let (wanted_tx, wanted_rx) = watch::channel(0u64);
+    let engine = Engine {
+        policy: parts.policy,
+        cgroup: parts.cgroup,
+        file_cache: parts.file_cache,
+        fc_generation: 0,
+        fc_retry_at: None,
+        replies: VecDeque::new(),
+        wanted: wanted_tx,
+        tick_at: None,
+        decisions,
+    };
+    let task = tokio::spawn(engine.run(parts.mem_total, pressure, calls_rx, shutdown));
+    EngineHandle {
+        backend: BackendHandle {
+            calls: calls_tx,
+            upscale_wanted: wanted_rx,
+        },
+        task,
+    }
+}
+
+struct Engine {
+    policy: Policy,
+    cgroup: Option<CgroupMemory>,
+    file_cache: Option<FileCache>,
+    /// `FileCache::generation` last announced to the policy.
+    fc_generation: u64,
+    /// When to try reaching Postgres again after it went away (boot-clock ns).
+    fc_retry_at: Option<u64>,
+    /// Reply slots of requests the policy has not answered yet, oldest first.
+    replies: VecDeque<oneshot::Sender<ScalingOutcome>>,
+    wanted: watch::Sender<u64>,
+    /// Policy-requested tick (boot-clock ns).
+    tick_at: Option<u64>,
+    decisions: Option<DecisionSink>,
+}
+
+fn now() -> Duration {
+    Duration::from_nanos(boottime_ns())
+}
+
+/// A tokio deadline for a boot-clock instant.
+fn deadline(at_ns: u64) -> tokio::time::Instant {
+    let wait = at_ns.saturating_sub(boottime_ns());
+    tokio::time::Instant::now() + Duration::from_nanos(wait)
+}
+
+async fn sleep_until(at_ns: Option<u64>) {
+    match at_ns {
+        Some(at) => tokio::time::sleep_until(deadline(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Engine {
+    async fn run(
+        mut self,
+        mem_total: u64,
+        mut pressure: Option<mpsc::Receiver<PressureEvent>>,
+        mut calls: mpsc::Receiver<ScalingCall>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        // A reading first so the startup memory.high is never below current usage; Start then
+        // writes memory.high = max before anything else (reference #5348).
+        self.feed_reading().await;
+        self.feed(Input::Start {
+            at: now(),
+            mem_total,
+        })
+        .await;
+        self.connect_file_cache().await;
+
+        let mut burst = Vec::with_capacity(MAX_BURST);
+        loop {
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                call = calls.recv() => {
+                    match call {
+                        Some(call) => self.handle_call(call).await,
+                        None => break, // server gone
+                    }
+                }
+                n = recv_burst(&mut pressure, &mut burst) => {
+                    if n == 0 {
+                        // The source stopped (its task failed); keep serving requests.
+                        warn!("pressure source stopped; upscale requests now come only from agent-driven readings");
+                        pressure = None;
+                        continue;
+                    }
+                    self.handle_pressure(&mut burst).await;
+                }
+                () = sleep_until(self.tick_at) => {
+                    self.tick_at = None;
+                    self.feed(Input::Tick { at: now() }).await;
+                }
+                () = sleep_until(self.fc_retry_at) => {
+                    self.fc_retry_at = None;
+                    self.connect_file_cache().await;
+                }
+            }
+        }
+        self.shut_down(&mut calls).await
+    }
+
+    async fn shut_down(&mut self, calls: &mut mpsc::Receiver<ScalingCall>) -> anyhow::Result<()> {
+        calls.close();
+        while let Ok(call) = calls.try_recv() {
+            self.replies.push_back(call.reply);
+        }
+        self.feed(Input::Shutdown { at: now() }).await;
+        // Requests that slipped in before `close` were queued above; the policy answers them.
+        while let Some(reply) = self.replies.pop_front() {
+            let _ = reply.send(ScalingOutcome::InternalError(
+                crate::policy::SHUTTING_DOWN.to_string(),
+            ));
+        }
+        if self.policy.is_shut_down() || self.cgroup.is_none() {
+            info!("engine stopped; memory.high restored to max");
+            Ok(())
+        } else {
+            anyhow::bail!("could not restore memory.high to max on shutdown (see the log above)")
+        }
+    }
+
+    async fn handle_call(&mut self, call: ScalingCall) {
+        self.replies.push_back(call.reply);
+        let at = now();
+        let input = match call.request {
+            ScalingRequest::Upscale { granted } => Input::UpscaleNotification {
+                at,
+                granted_mem: granted.mem_bytes,
+            },
+            ScalingRequest::Downscale { target } => {
+                // Decide on fresh numbers, never on a reading from before the agent asked.
+                self.feed_reading().await;
+                Input::DownscaleRequest {
+                    at: now(),
+                    target_mem: target.mem_bytes,
+                }
+            }
+        };
+        self.feed(input).await;
+    }
+
+    async fn handle_pressure(&mut self, burst: &mut Vec<PressureEvent>) {
+        // One on-demand reading serves the whole burst: events arrive in bunches under
+        // pressure, and memory.stat is the expensive part.
+        let needs_reading = burst
+            .iter()
+            .any(|ev| !matches!(ev.kind, PressureKind::PolledSample { .. }));
+        let reading = match &self.cgroup {
+            Some(cg) if needs_reading => match cg.stat() {
+                Ok(s) => Some(s.non_reclaimable()),
+                Err(err) => {
+                    warn!(error = %format!("{err:#}"), "cannot read memory.stat on a pressure event");
+                    None
+                }
+            },
+            _ => None,
+        };
+        for ev in burst.drain(..) {
+            let (signal, carried) = PressureSignal::from_event(&ev);
+            let input = Input::Pressure {
+                at: Duration::from_nanos(ev.ts_ns.max(1)),
+                signal,
+                reading: carried.or(reading),
+            };
+            self.feed(input).await;
+        }
+    }
+
+    async fn feed_reading(&mut self) {
+        let Some(cg) = &self.cgroup else { return };
+        let reading = cg.stat().and_then(|s| Ok((s.non_reclaimable(), cg.current()?)));
+        match reading {
+            Ok((non_reclaimable, current)) => {
+                self.feed(Input::Reading {
+                    at: now(),
+                    non_reclaimable,
+                    current,
+                })
+                .await
+            }
+            Err(err) => warn!(error = %format!("{err:#}"), "cannot read the cgroup's memory"),
+        }
+    }
+
+    /// (Re)announces Postgres to the policy when a connection is (re)established, so the
+    /// file cache is resized once Postgres is back.
+    async fn connect_file_cache(&mut self) {
+        let Some(fc) = self.file_cache.as_mut() else {
+            return;
+        };
+        match fc.max_size().await {
+            Ok(max) => {
+                let generation = fc.generation();
+                if generation != self.fc_generation {
+                    self.fc_generation = generation;
+                    info!(postgres = %fc.target(), max_mib = max >> 20, "connected to Postgres");
+                    self.feed(Input::FileCacheConnected { at: now(), max_size: max })
+                        .await;
+                }
+            }
+            Err(err) => {
+                let wait = fc.next_attempt_in().unwrap_or(Duration::from_secs(1));
+                warn!(error = %format!("{err:#}"), retry_in = ?wait, "Postgres not reachable; file cache resize postponed");
+                self.fc_retry_at = Some(boottime_ns() + wait.as_nanos() as u64);
+            }
+        }
+    }
+
+    /// Feeds one input and applies the resulting actions, feeding back their results until the
+    /// policy has nothing more to do.
+    async fn feed(&mut self, input: Input) {
+        let mut queue: VecDeque<Action> = self.policy.handle(input).into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::SendUpscaleRequest { reason } => {
+                    info!(%reason, "requesting upscale");
+                    self.wanted.send_modify(|n| *n += 1);
+                }
+                Action::SetFileCache { bytes } => {
+                    let result = self.apply_file_cache(bytes).await;
+                    queue.extend(self.policy.handle(Input::Applied {
+                        at: now(),
+                        effect: Effect::FileCache { bytes },
+                        result,
+                    }));
+                }
+                Action::SetMemoryHigh { value } => {
+                    let result = match &self.cgroup {
+                        Some(cg) => cg.set_high(value).map_err(|e| format!("{e:#}")),
+                        None => Err("no cgroup is managed".to_string()),
+                    };
+                    match &result {
+                        Ok(()) => debug!(%value, "memory.high written"),
+                        Err(e) => warn!(%value, error = %e, "writing memory.high failed"),
+                    }
+                    queue.extend(self.policy.handle(Input::Applied {
+                        at: now(),
+                        effect: Effect::MemoryHigh { value },
+                        result,
+                    }));
+                }
+                Action::Reply(outcome) => match self.replies.pop_front() {
+                    Some(slot) => {
+                        // The session may have timed out and gone; nothing to do then.
+                        let _ = slot.send(outcome);
+                    }
+                    None => warn!(?outcome, "policy replied with no request pending"),
+                },
+                Action::ScheduleTick { at } => {
+                    self.tick_at = Some(u64::try_from(at.as_nanos()).unwrap_or(u64::MAX));
+                }
+                Action::Decision(d) => {
+                    info!(decision = %serde_json::to_string(&d).unwrap_or_default(), "decision");
+                    if let Some(sink) = &self.decisions {
+                        let _ = sink.send(d);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply_file_cache(&mut self, bytes: u64) -> Result<(), String> {
+        let Some(fc) = self.file_cache.as_mut() else {
+            return Err("no file cache is managed".to_string());
+        };
+        match fc.set_size(bytes).await {
+            Ok(outcome) => {
+                info!(
+                    requested_mib = outcome.requested_bytes >> 20,
+                    applied_mib = outcome.applied_bytes >> 20,
+                    capped = outcome.capped,
+                    "file cache resized"
+                );
+                Ok(())
+            }
+            Err(err) => {
+                // Try again later; a reconnect re-announces Postgres and the policy re-asserts.
+                if self.fc_retry_at.is_none() {
+                    let wait = fc.next_attempt_in().unwrap_or(Duration::from_secs(1));
+                    self.fc_retry_at = Some(boottime_ns() + wait.as_nanos() as u64);
+                }
+                Err(format!("{err:#}"))
+            }
+        }
+    }
+}
+
+/// Waits for at least one event and takes what else is already queued (up to [`MAX_BURST`]).
+/// Returns 0 when the source is gone; never resolves without a source.
+async fn recv_burst(
+    rx: &mut Option<mpsc::Receiver<PressureEvent>>,
+    burst: &mut Vec<PressureEvent>,
+) -> usize {
+    let Some(rx) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Some(ev) => burst.push(ev),
+        None => return 0,
+    }
+    while burst.len() < MAX_BURST {
+        match rx.try_recv() {
+            Ok(ev) => burst.push(ev),
+            Err(_) => break,
+        }
+    }
+    burst.len()
+}
+
+/// Reads MemTotal from /proc/meminfo.
+pub fn mem_total() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    crate::memstat::parse_meminfo_total(&text).context("parsing /proc/meminfo")
+}
