@@ -9,9 +9,9 @@ use tracing::{info, warn};
 
 use crate::backend;
 use crate::cgroup::{CgroupMemory, CgroupTarget};
+use crate::cli::{ServeArgs, SignalChoice};
 use crate::engine::{self, EngineParts};
 use crate::policy;
-use crate::cli::{ServeArgs, SignalChoice};
 use crate::pressure::ebpf::{AttachedPrograms, EbpfOptions, EbpfPipeline};
 use crate::pressure::probe::{choose_tier, probe};
 use crate::pressure::{PressureEvent, Tier, poll, psi};
@@ -66,10 +66,9 @@ pub async fn start_pressure(
     coalesce: Duration,
     tx: mpsc::Sender<PressureEvent>,
 ) -> anyhow::Result<(Tier, PressureSource)> {
-    let name = target.name.clone();
-    let caps = tokio::task::spawn_blocking(move || probe(Some(&name)))
-        .await
-        .context("probe task failed")?;
+    // Inline rather than on the blocking pool: a pool thread would linger and then exit while
+    // the daemon is otherwise idle (a wake-up the idle benchmarks would count).
+    let caps = probe(Some(&target.name));
     let (mut tier, mut reason) =
         choose_tier(caps.tier_inputs(), choice).map_err(anyhow::Error::msg)?;
     if tier == Tier::Ebpf {

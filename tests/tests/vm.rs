@@ -27,9 +27,7 @@ fn in_vm() -> bool {
 fn bin() -> PathBuf {
     std::env::var_os("VM_MONITOR_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vm-monitor")
-        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vm-monitor"))
 }
 
 fn sh(script: &str) -> String {
@@ -47,7 +45,9 @@ fn sh(script: &str) -> String {
 fn prepare_guest() {
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap();
     if swaps.lines().count() < 2 {
-        sh("modprobe zram && echo 512M > /sys/block/zram0/disksize && mkswap /dev/zram0 >/dev/null && swapon /dev/zram0");
+        sh(
+            "modprobe zram && echo 512M > /sys/block/zram0/disksize && mkswap /dev/zram0 >/dev/null && swapon /dev/zram0",
+        );
     }
     let ctl = std::fs::read_to_string(format!("{CG_ROOT}/cgroup.subtree_control")).unwrap();
     if !ctl.split_whitespace().any(|c| c == "memory") {
@@ -131,7 +131,8 @@ struct Trace {
 
 impl Trace {
     fn start(cgroup: &str, extra: &[&str]) -> Trace {
-        let output = std::env::temp_dir().join(format!("trace-{cgroup}-{}.jsonl", std::process::id()));
+        let output =
+            std::env::temp_dir().join(format!("trace-{cgroup}-{}.jsonl", std::process::id()));
         let mut child = Command::new(bin())
             .args(["trace", "--cgroup", cgroup, "--json", "--output"])
             .arg(&output)
@@ -201,7 +202,10 @@ fn memcg_reclaim_scenario(label: &str) {
         events.len()
     );
     assert!(high > 0, "the allocation never crossed memory.high");
-    assert!(!begins.is_empty() && !ends.is_empty(), "no memcg reclaim records: {events:?}");
+    assert!(
+        !begins.is_empty() && !ends.is_empty(),
+        "no memcg reclaim records: {events:?}"
+    );
     for e in begins.iter().chain(&ends) {
         assert_eq!(e["cgroup_id"], cg.id(), "record from another cgroup: {e}");
     }
@@ -211,7 +215,9 @@ fn memcg_reclaim_scenario(label: &str) {
     );
     // The workload's processes (sh, head, tail) are children of the pid we started.
     assert!(
-        begins.iter().any(|e| e["comm"] == "tail" || e["tgid"] == pid),
+        begins
+            .iter()
+            .any(|e| e["comm"] == "tail" || e["tgid"] == pid),
         "no record attributed to the allocator: {begins:?}"
     );
 }
@@ -251,12 +257,23 @@ fn sibling_cgroup_pressure_is_not_reported_for_the_target() {
     let trace = Trace::start(&target.name, &[]);
     sibling.run(&allocate(64));
     let events = trace.stop();
-    assert!(sibling.event("high") > 0, "the sibling never hit its memory.high");
+    assert!(
+        sibling.event("high") > 0,
+        "the sibling never hit its memory.high"
+    );
     let memcg: Vec<_> = events
         .iter()
-        .filter(|e| e["kind"].as_str().unwrap_or("").starts_with("memcg_reclaim"))
+        .filter(|e| {
+            e["kind"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("memcg_reclaim")
+        })
         .collect();
-    assert!(memcg.is_empty(), "sibling reclaim leaked into the target's stream: {memcg:?}");
+    assert!(
+        memcg.is_empty(),
+        "sibling reclaim leaked into the target's stream: {memcg:?}"
+    );
 }
 
 #[test]
@@ -270,7 +287,11 @@ fn doctor_reports_the_ebpf_tier() {
         .args(["doctor", "--json", "--cgroup", &cg.name])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     println!("{}", serde_json::to_string_pretty(&v).unwrap());
     assert_eq!(v["auto_tier"], "ebpf", "{v}");
@@ -282,27 +303,41 @@ fn doctor_reports_the_ebpf_tier() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("auto tier") && table.contains("ebpf"), "{table}");
+    assert!(
+        table.contains("auto tier") && table.contains("ebpf"),
+        "{table}"
+    );
 }
 
-/// Voluntary context switches of every thread of `pid`.
-fn voluntary_switches(pid: u32) -> u64 {
-    let mut total = 0;
+/// Voluntary context switches per thread of `pid`.
+fn voluntary_switches(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
-        total += status
+        let task = task.unwrap();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if let Some(n) = status
             .lines()
             .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        {
+            out.insert(task.file_name().to_string_lossy().into_owned(), n);
+        }
     }
-    total
+    out
 }
 
 /// Starts the daemon on `signal` and counts its wake-ups over 10 idle seconds.
 fn idle_wakeups(cg: &Cgroup, signal: &str) -> u64 {
     let mut child = Command::new(bin())
-        .args(["--addr", "127.0.0.1:0", "--cgroup", &cg.name, "--signal", signal, "--no-memory-high"])
+        .args([
+            "--addr",
+            "127.0.0.1:0",
+            "--cgroup",
+            &cg.name,
+            "--signal",
+            signal,
+            "--no-memory-high",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -330,9 +365,14 @@ fn idle_wakeups(cg: &Cgroup, signal: &str) -> u64 {
     let before = voluntary_switches(pid);
     std::thread::sleep(Duration::from_secs(10));
     let after = voluntary_switches(pid);
+    // Threads started meanwhile count from zero; threads that exited are lost (none should).
+    let woke: u64 = after
+        .iter()
+        .map(|(tid, n)| n.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum();
     sh(&format!("kill -TERM {pid}"));
     let _ = child.wait();
-    after - before
+    woke
 }
 
 #[test]
@@ -349,6 +389,9 @@ fn idle_daemon_does_not_wake_up_on_the_ebpf_tier() {
         std::env::var("VM_MONITOR_KERNEL").unwrap_or_default()
     );
     // The poll tier wakes every 100 ms; the event path sleeps until the kernel has news.
-    assert!(poll >= 50, "poll tier should wake ~10/s, saw {poll} in 10 s");
+    assert!(
+        poll >= 50,
+        "poll tier should wake ~10/s, saw {poll} in 10 s"
+    );
     assert!(ebpf <= 5, "eBPF tier woke {ebpf} times in 10 idle seconds");
 }

@@ -1,0 +1,981 @@
+//! One agent session: version handshake, then a reader (answers health checks and rejects bad
+//! frames itself), a scaling worker (one backend call at a time, in arrival order, each with a
+//! timeout) and a writer (the only task touching the socket's send half).
+//!
+//! Only one session is "current": a session becomes current once its handshake succeeds and
+//! then closes the previous one, so a half-open or garbage connection cannot kill a healthy
+//! agent session (the reference killed the old session as soon as any upgrade arrived).
+
+use crate::backend::{BackendHandle, ScalingCall, ScalingOutcome, ScalingRequest};
+use crate::protocol::{self, AgentBody, Decision, MonitorBody, MonitorMessage};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// Close code for "message too big" (RFC 6455 §7.4.1).
+pub const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Per-session limits and timeouts.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Upgrade-to-reply budget for the version handshake (the agent's own budget is 4 s).
+    pub handshake_timeout: Duration,
+    /// How long one scaling request may wait on the backend before we answer `InternalError`
+    /// (below the agent's 5 s response timeout so the agent hears a reason, not silence).
+    pub backend_timeout: Duration,
+    /// How long we wait for the peer's close frame after sending ours.
+    pub close_timeout: Duration,
+    /// Largest accepted message (and frame); bigger ones close the session with 1009.
+    pub max_message_size: usize,
+    /// Minimum spacing of our `UpscaleRequest`s (the reference's 1/s), even if the backend
+    /// asks more often; asks in between are coalesced into one.
+    pub min_upscale_request_interval: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(4),
+            backend_timeout: Duration::from_secs(4),
+            close_timeout: Duration::from_secs(2),
+            max_message_size: 1 << 20,
+            min_upscale_request_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Tracks the current agent session and all live connections (for shutdown).
+#[derive(Debug)]
+pub struct Sessions {
+    next_conn: AtomicU64,
+    current: Mutex<Option<Current>>,
+    shutdown: watch::Sender<bool>,
+    live: watch::Sender<usize>,
+}
+
+#[derive(Debug)]
+struct Current {
+    conn: u64,
+    kill: oneshot::Sender<()>,
+}
+
+impl Sessions {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            next_conn: AtomicU64::new(1),
+            current: Mutex::new(None),
+            shutdown: watch::channel(false).0,
+            live: watch::channel(0).0,
+        })
+    }
+
+    /// Asks every connection, handshaking or established, to close (1001).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Number of websocket connections currently alive (any phase).
+    pub fn live(&self) -> usize {
+        *self.live.borrow()
+    }
+
+    /// Connection id of the current (handshaken) agent session, if any.
+    pub fn current(&self) -> Option<u64> {
+        self.lock().as_ref().map(|c| c.conn)
+    }
+
+    /// Waits until every connection is gone, or `timeout` passed. Returns whether all are gone.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let mut rx = self.live.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
+        // A poisoned lock only means a panic elsewhere; the Option inside is still coherent.
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(self: &Arc<Self>) -> Entered {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.live.send_modify(|n| *n += 1);
+        Entered {
+            conn,
+            sessions: Arc::clone(self),
+        }
+    }
+
+    /// Makes `conn` the current session and tells the previous one to go.
+    fn promote(&self, conn: u64) -> oneshot::Receiver<()> {
+        let (kill, rx) = oneshot::channel();
+        let previous = self.lock().replace(Current { conn, kill });
+        if let Some(old) = previous {
+            info!(
+                old_conn = old.conn,
+                "new agent session replaces the previous one"
+            );
+            // The old session may have ended on its own meanwhile.
+            let _ = old.kill.send(());
+        }
+        rx
+    }
+}
+
+/// Registration of one live connection; unregisters on drop.
+struct Entered {
+    conn: u64,
+    sessions: Arc<Sessions>,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let mut current = self.sessions.lock();
+        if current.as_ref().is_some_and(|c| c.conn == self.conn) {
+            *current = None;
+        }
+        drop(current);
+        self.sessions.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Everything a session needs.
+#[derive(Clone, Debug)]
+pub struct SessionContext {
+    pub backend: BackendHandle,
+    pub sessions: Arc<Sessions>,
+    pub config: SessionConfig,
+    pub peer: Option<SocketAddr>,
+}
+
+/// Runs one upgraded websocket connection to its end.
+pub async fn run(socket: WebSocket, ctx: SessionContext) {
+    let entered = ctx.sessions.enter();
+    let span = info_span!("agent_session", conn = entered.conn, peer = ?ctx.peer);
+    async move {
+        run_inner(socket, &ctx, entered.conn).await;
+        drop(entered);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64) {
+    let cfg = &ctx.config;
+    let mut shutdown = ctx.sessions.shutdown.subscribe();
+    debug!("websocket connection accepted, waiting for protocol version range");
+
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(cfg.handshake_timeout, handshake(&mut socket, &ctx.sessions, conn)) => match r {
+            Ok(o) => o,
+            Err(_) => HandshakeOutcome::Failed {
+                code: close_code::PROTOCOL,
+                reason: "timed out waiting for protocol version range",
+                log: "no protocol version range within the handshake timeout".to_string(),
+            },
+        },
+        _ = shutdown.wait_for(|s| *s) => HandshakeOutcome::Failed {
+            code: close_code::AWAY,
+            reason: SHUTDOWN_REASON,
+            log: "shutting down during handshake".to_string(),
+        },
+    };
+    let kill = match outcome {
+        HandshakeOutcome::Accepted { version, kill } => {
+            info!(version, "agent connected (protocol handshake complete)");
+            kill
+        }
+        HandshakeOutcome::Failed { code, reason, log } => {
+            info!(close_code = code, error = %log, "handshake failed; closing connection");
+            close_unsplit(socket, code, reason, cfg).await;
+            return;
+        }
+        HandshakeOutcome::Gone(why) => {
+            info!(reason = %why, "connection ended during handshake");
+            return;
+        }
+    };
+
+    let (sink, stream) = socket.split();
+    established(sink, stream, kill, shutdown, ctx).await;
+}
+
+const SHUTDOWN_REASON: &str = "vm-monitor is shutting down";
+const REPLACED_REASON: &str = "replaced by a newer agent connection";
+const TOO_BIG_REASON: &str = "message too big";
+
+enum HandshakeOutcome {
+    /// This connection is now the current session; `kill` fires when a newer one replaces it.
+    Accepted {
+        version: u64,
+        kill: oneshot::Receiver<()>,
+    },
+    /// Close with this code/reason (any error reply was already sent).
+    Failed {
+        code: u16,
+        reason: &'static str,
+        log: String,
+    },
+    /// The peer went away; nothing left to send.
+    Gone(String),
+}
+
+async fn handshake(socket: &mut WebSocket, sessions: &Sessions, conn: u64) -> HandshakeOutcome {
+    loop {
+        let text = match socket.recv().await {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(b))) => {
+                let reply = protocol::HandshakeReply::refused(format!(
+                    "expected a text frame with the protocol version range, got a {}-byte binary frame",
+                    b.len()
+                ));
+                let _ = socket.send(Message::Text(reply.to_json().into())).await;
+                return HandshakeOutcome::Failed {
+                    code: close_code::PROTOCOL,
+                    reason: "expected protocol version range",
+                    log: "binary first frame".to_string(),
+                };
+            }
+            // Control frames are answered by tungstenite; keep waiting for the range.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(frame))) => {
+                return HandshakeOutcome::Gone(format!("peer closed: {}", describe_close(&frame)));
+            }
+            Some(Err(e)) if is_too_big(&e) => {
+                return HandshakeOutcome::Failed {
+                    code: CLOSE_TOO_BIG,
+                    reason: TOO_BIG_REASON,
+                    log: format!("{e}"),
+                };
+            }
+            Some(Err(e)) => return HandshakeOutcome::Gone(format!("read error: {e}")),
+            None => return HandshakeOutcome::Gone("peer disconnected".to_string()),
+        };
+        let reply = protocol::negotiate(text.as_str());
+        // Take over before the agent can see the accept: otherwise a session delayed between
+        // its reply and its takeover could replace a connection that handshook after it.
+        let kill = reply.is_accepted().then(|| sessions.promote(conn));
+        if let Err(e) = socket.send(Message::Text(reply.to_json().into())).await {
+            return HandshakeOutcome::Gone(format!("write error: {e}"));
+        }
+        return match (reply.version, kill, reply.error) {
+            (Some(version), Some(kill), _) => HandshakeOutcome::Accepted { version, kill },
+            (_, _, error) => HandshakeOutcome::Failed {
+                code: close_code::PROTOCOL,
+                reason: "protocol version negotiation failed",
+                log: error.unwrap_or_default(),
+            },
+        };
+    }
+}
+
+/// Sends a close frame on a not-yet-split socket and waits (bounded) for the peer's reply.
+async fn close_unsplit(
+    mut socket: WebSocket,
+    code: u16,
+    reason: &'static str,
+    cfg: &SessionConfig,
+) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(cfg.close_timeout, async {
+        if socket.send(frame).await.is_err() {
+            return;
+        }
+        if code == CLOSE_TOO_BIG {
+            // The rest of the oversized frame is unread; dropping now would reset the
+            // connection and may destroy our close frame before the peer reads it.
+            tokio::time::sleep(TOO_BIG_LINGER).await;
+            return;
+        }
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long we keep a connection whose read side is poisoned (oversized frame) after sending
+/// 1009, so that the peer gets to read the close frame.
+const TOO_BIG_LINGER: Duration = Duration::from_millis(500);
+
+/// Frames for the writer task.
+#[derive(Debug)]
+enum Outgoing {
+    Frame(MonitorMessage),
+    Close(u16, &'static str),
+}
+
+/// Replies queued for the writer before we consider the peer stuck (the agent always reads).
+const OUTGOING_QUEUE: usize = 64;
+/// Scaling requests queued behind the one in progress (the agent has at most one in flight).
+const SCALING_QUEUE: usize = 8;
+
+enum End {
+    /// We close with this code and reason.
+    Close(u16, &'static str),
+    /// The peer sent a close frame; tungstenite answers it, we just drain.
+    PeerClosed,
+    /// Connection is gone or unusable.
+    Gone,
+}
+
+async fn established(
+    sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+    mut kill: oneshot::Receiver<()>,
+    mut shutdown: watch::Receiver<bool>,
+    ctx: &SessionContext,
+) {
+    let cfg = &ctx.config;
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
+    let writer = tokio::spawn(writer(sink, out_rx).in_current_span());
+    let (scaling_tx, scaling_rx) = mpsc::channel::<(u64, ScalingRequest)>(SCALING_QUEUE);
+    let worker = tokio::spawn(
+        scaling_worker(
+            scaling_rx,
+            ctx.backend.calls.clone(),
+            out_tx.clone(),
+            cfg.backend_timeout,
+        )
+        .in_current_span(),
+    );
+
+    let mut wanted = ctx.backend.upscale_wanted.clone();
+    // A request raised before this session existed is stale: the agent resets its state on
+    // connect and the backend will ask again if pressure persists.
+    wanted.borrow_and_update();
+    let mut wanted_open = true;
+    let mut upscale_pending = false;
+    let mut upscale_not_before = tokio::time::Instant::now();
+    let mut upscale_coalesced: u64 = 0;
+    let mut last_monitor_id: u64 = 1;
+    let mut binary_frames: u64 = 0;
+
+    let end = loop {
+        tokio::select! {
+            _ = &mut kill => break End::Close(close_code::NORMAL, REPLACED_REASON),
+            _ = shutdown.wait_for(|s| *s) => break End::Close(close_code::AWAY, SHUTDOWN_REASON),
+            changed = wanted.changed(), if wanted_open => {
+                if changed.is_err() {
+                    // Backend gone: it can no longer ask for anything; keep serving.
+                    wanted_open = false;
+                    continue;
+                }
+                wanted.borrow_and_update();
+                if upscale_pending {
+                    upscale_coalesced += 1;
+                }
+                upscale_pending = true;
+            }
+            _ = tokio::time::sleep_until(upscale_not_before), if upscale_pending => {
+                upscale_pending = false;
+                upscale_not_before =
+                    tokio::time::Instant::now() + cfg.min_upscale_request_interval;
+                last_monitor_id += 2;
+                info!(id = last_monitor_id, coalesced = upscale_coalesced, "requesting upscale from agent");
+                upscale_coalesced = 0;
+                let msg = MonitorMessage::new(last_monitor_id, MonitorBody::UpscaleRequest);
+                if !queue(&out_tx, msg) {
+                    break End::Gone;
+                }
+            }
+            frame = stream.next() => {
+                let frame = match frame {
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) if is_too_big(&e) => {
+                        warn!(error = %e, limit = cfg.max_message_size, "agent sent an oversized message; closing with 1009");
+                        break End::Close(CLOSE_TOO_BIG, TOO_BIG_REASON);
+                    }
+                    Some(Err(e)) => {
+                        info!(error = %e, "websocket read error; ending session");
+                        break End::Gone;
+                    }
+                    None => {
+                        info!("agent disconnected without a close frame");
+                        break End::Gone;
+                    }
+                };
+                match frame {
+                    Message::Text(text) => {
+                        if !handle_text(text.as_str(), &out_tx, &scaling_tx) {
+                            break End::Gone;
+                        }
+                    }
+                    Message::Binary(b) => {
+                        binary_frames += 1;
+                        debug!(len = b.len(), total = binary_frames, "ignoring binary frame from agent");
+                    }
+                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Close(frame) => {
+                        info!(close = %describe_close(&frame), "agent closed the connection");
+                        break End::PeerClosed;
+                    }
+                }
+            }
+        }
+    };
+
+    // No more scaling replies once we are closing.
+    worker.abort();
+    match end {
+        End::Close(code, reason) => {
+            info!(close_code = code, reason, "closing agent session");
+            // The queue may be full of replies to a peer that does not read; do not wait long.
+            let _ = tokio::time::timeout(
+                cfg.close_timeout,
+                out_tx.send(Outgoing::Close(code, reason)),
+            )
+            .await;
+            drop(out_tx);
+            let _ = tokio::time::timeout(cfg.close_timeout, writer).await;
+            if code == CLOSE_TOO_BIG {
+                tokio::time::sleep(TOO_BIG_LINGER).await;
+            } else {
+                drain(&mut stream, cfg.close_timeout).await;
+            }
+        }
+        End::PeerClosed => {
+            drop(out_tx);
+            let _ = tokio::time::timeout(cfg.close_timeout, writer).await;
+            // Polling again lets tungstenite flush its automatic close reply.
+            drain(&mut stream, cfg.close_timeout).await;
+        }
+        End::Gone => {
+            drop(out_tx);
+            writer.abort();
+        }
+    }
+    info!(binary_frames_ignored = binary_frames, "agent session ended");
+}
+
+/// Reads until the stream ends (peer's close reply / EOF) or `timeout`.
+async fn drain(stream: &mut SplitStream<WebSocket>, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+}
+
+/// Handles one text frame. Returns false when the session must end.
+fn handle_text(
+    text: &str,
+    out: &mpsc::Sender<Outgoing>,
+    scaling: &mpsc::Sender<(u64, ScalingRequest)>,
+) -> bool {
+    let msg = match protocol::decode_inbound(text) {
+        Decision::Handle(m) => m,
+        Decision::Reject { id, error } => {
+            warn!(id, error = %error, len = text.len(), "invalid message from agent; answering InvalidMessage");
+            return queue(
+                out,
+                MonitorMessage::new(id, MonitorBody::InvalidMessage { error }),
+            );
+        }
+    };
+    let id = msg.id;
+    let request = match msg.body {
+        AgentBody::HealthCheck => {
+            debug!(id, "health check");
+            return queue(out, MonitorMessage::new(id, MonitorBody::HealthCheck));
+        }
+        AgentBody::InvalidMessage { error } => {
+            warn!(id, error = %error, "agent says a message of ours was invalid");
+            return true;
+        }
+        AgentBody::InternalError { error } => {
+            warn!(id, error = %error, "agent reports an internal error");
+            return true;
+        }
+        AgentBody::DownscaleRequest { target } => ScalingRequest::Downscale { target },
+        AgentBody::UpscaleNotification { granted } => ScalingRequest::Upscale { granted },
+    };
+    match scaling.try_send((id, request)) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            warn!(
+                id,
+                "too many scaling requests queued; answering InternalError"
+            );
+            queue(
+                out,
+                MonitorMessage::new(
+                    id,
+                    MonitorBody::InternalError {
+                        error: "too many scaling requests in flight".to_string(),
+                    },
+                ),
+            )
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// Queues a frame for the writer without blocking the reader. A full queue means the peer
+/// stopped reading our replies; such a session is of no use, so it ends.
+fn queue(out: &mpsc::Sender<Outgoing>, msg: MonitorMessage) -> bool {
+    match out.try_send(Outgoing::Frame(msg)) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            warn!("agent is not reading our replies; ending session");
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+async fn writer(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        let (msg, last) = match out {
+            Outgoing::Frame(m) => (Message::Text(m.to_json().into()), false),
+            Outgoing::Close(code, reason) => (
+                Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })),
+                true,
+            ),
+        };
+        if let Err(e) = sink.send(msg).await {
+            debug!(error = %e, "websocket write failed");
+            return;
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// Processes scaling requests strictly one at a time, in arrival order.
+async fn scaling_worker(
+    mut rx: mpsc::Receiver<(u64, ScalingRequest)>,
+    calls: mpsc::Sender<ScalingCall>,
+    out: mpsc::Sender<Outgoing>,
+    timeout: Duration,
+) {
+    while let Some((id, request)) = rx.recv().await {
+        info!(id, ?request, "scaling request from agent");
+        let body = match call_backend(&calls, request, timeout).await {
+            Ok(outcome) => reply_for(request, outcome),
+            Err(error) => MonitorBody::InternalError { error },
+        };
+        match &body {
+            MonitorBody::DownscaleResult { ok, status } => {
+                info!(id, ok, status = %status, "downscale answered");
+            }
+            MonitorBody::InternalError { error } => {
+                warn!(id, error = %error, "scaling request failed; answering InternalError");
+            }
+            _ => info!(id, "upscale confirmed"),
+        }
+        if out
+            .send(Outgoing::Frame(MonitorMessage::new(id, body)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn call_backend(
+    calls: &mpsc::Sender<ScalingCall>,
+    request: ScalingRequest,
+    timeout: Duration,
+) -> Result<ScalingOutcome, String> {
+    let (reply, rx) = oneshot::channel();
+    let call = async {
+        calls
+            .send(ScalingCall { request, reply })
+            .await
+            .map_err(|_| "scaling backend is not running".to_string())?;
+        rx.await
+            .map_err(|_| "scaling backend dropped the request".to_string())
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "scaling backend did not answer within {} ms",
+            timeout.as_millis()
+        )),
+    }
+}
+
+fn reply_for(request: ScalingRequest, outcome: ScalingOutcome) -> MonitorBody {
+    match (request, outcome) {
+        (_, ScalingOutcome::InternalError(error)) => MonitorBody::InternalError { error },
+        (ScalingRequest::Upscale { .. }, ScalingOutcome::UpscaleConfirmed) => {
+            MonitorBody::UpscaleConfirmation
+        }
+        (ScalingRequest::Downscale { .. }, ScalingOutcome::Downscale { ok, status }) => {
+            MonitorBody::DownscaleResult { ok, status }
+        }
+        (request, outcome) => MonitorBody::InternalError {
+            error: format!("scaling backend answered {outcome:?} to {request:?}"),
+        },
+    }
+}
+
+/// Whether a read error is tungstenite's "message/frame exceeds the configured limit".
+fn is_too_big(e: &axum::Error) -> bool {
+    // axum wraps the tungstenite error; the type must be from the tungstenite version axum
+    // uses (a test checks the 1009 close, so a mismatch after an upgrade is caught).
+    let inner: &(dyn std::error::Error + 'static) = match std::error::Error::source(e) {
+        Some(inner) => inner,
+        None => return false,
+    };
+    matches!(
+        inner.downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    )
+}
+
+fn describe_close(frame: &Option<CloseFrame>) -> String {
+    match frame {
+        Some(f) => format!("{} {:?}", f.code, f.reason.as_str()),
+        None => "no close code".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Resources;
+    use crate::server::{self, ServerState};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+    type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+    /// Generous bound standing in for the agent's 5 s response timeout.
+    const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    struct TestServer {
+        addr: SocketAddr,
+        calls: mpsc::Receiver<ScalingCall>,
+        wanted: watch::Sender<u64>,
+        sessions: Arc<Sessions>,
+        shutdown: Option<oneshot::Sender<()>>,
+        served: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    async fn start(config: SessionConfig) -> TestServer {
+        let (calls_tx, calls) = mpsc::channel(16);
+        let (wanted, wanted_rx) = watch::channel(0u64);
+        let backend = BackendHandle {
+            calls: calls_tx,
+            upscale_wanted: wanted_rx,
+        };
+        let listener = server::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = ServerState::with_config(backend, config);
+        let sessions = state.sessions.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let served = tokio::spawn(server::serve_router(
+            listener,
+            server::router(state),
+            sessions.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        TestServer {
+            addr,
+            calls,
+            wanted,
+            sessions,
+            shutdown: Some(tx),
+            served,
+        }
+    }
+
+    async fn connect(addr: SocketAddr) -> Client {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/monitor"))
+            .await
+            .unwrap();
+        ws.send(WsMessage::text(r#"{"min":1,"max":1}"#))
+            .await
+            .unwrap();
+        assert_eq!(next_text(&mut ws).await, r#"{"version":1}"#);
+        ws
+    }
+
+    async fn next_frame(ws: &mut Client) -> WsMessage {
+        tokio::time::timeout(AGENT_TIMEOUT, ws.next())
+            .await
+            .expect("no frame within the agent's timeout")
+            .expect("stream ended")
+            .expect("read error")
+    }
+
+    async fn next_text(ws: &mut Client) -> String {
+        match next_frame(ws).await {
+            WsMessage::Text(t) => t.to_string(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    async fn send(ws: &mut Client, text: &str) {
+        ws.send(WsMessage::text(text.to_string())).await.unwrap();
+    }
+
+    const DOWNSCALE_2: &str =
+        r#"{"content":{"target":{"cpu":0.75,"mem":3221225472}},"type":"DownscaleRequest","id":2}"#;
+
+    #[tokio::test]
+    async fn health_checks_are_answered_while_a_scaling_request_waits() {
+        let mut srv = start(SessionConfig::default()).await;
+        let mut ws = connect(srv.addr).await;
+        send(&mut ws, DOWNSCALE_2).await;
+        // The backend now holds the request and does not answer yet.
+        let call = tokio::time::timeout(AGENT_TIMEOUT, srv.calls.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            call.request,
+            ScalingRequest::Downscale {
+                target: Resources {
+                    cpu: 0.75,
+                    mem_bytes: 3221225472
+                }
+            }
+        );
+        for id in [4, 6, 8] {
+            send(
+                &mut ws,
+                &format!(r#"{{"content":{{}},"type":"HealthCheck","id":{id}}}"#),
+            )
+            .await;
+            assert_eq!(
+                next_text(&mut ws).await,
+                format!(r#"{{"type":"HealthCheck","id":{id}}}"#)
+            );
+        }
+        call.reply
+            .send(ScalingOutcome::Downscale {
+                ok: false,
+                status: "not yet".into(),
+            })
+            .unwrap();
+        assert_eq!(
+            next_text(&mut ws).await,
+            r#"{"type":"DownscaleResult","Ok":false,"Status":"not yet","id":2}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn scaling_requests_run_in_order_and_time_out_into_internal_error() {
+        let config = SessionConfig {
+            backend_timeout: Duration::from_millis(300),
+            ..SessionConfig::default()
+        };
+        let mut srv = start(config).await;
+        let mut ws = connect(srv.addr).await;
+        send(&mut ws, DOWNSCALE_2).await;
+        send(
+            &mut ws,
+            r#"{"content":{"granted":{"cpu":1,"mem":4294967296}},"type":"UpscaleNotification","id":4}"#,
+        )
+        .await;
+        let first = srv.calls.recv().await.unwrap();
+        assert!(matches!(first.request, ScalingRequest::Downscale { .. }));
+        // Never answer the first one: it must turn into InternalError, then the second runs.
+        let reply = next_text(&mut ws).await;
+        assert!(
+            reply.starts_with(r#"{"type":"InternalError","error":"scaling backend did not answer"#)
+                && reply.ends_with(r#","id":2}"#),
+            "{reply}"
+        );
+        let second = srv.calls.recv().await.unwrap();
+        assert_eq!(
+            second.request,
+            ScalingRequest::Upscale {
+                granted: Resources {
+                    cpu: 1.0,
+                    mem_bytes: 4294967296
+                }
+            }
+        );
+        second.reply.send(ScalingOutcome::UpscaleConfirmed).unwrap();
+        assert_eq!(
+            next_text(&mut ws).await,
+            r#"{"type":"UpscaleConfirmation","id":4}"#
+        );
+        drop(first);
+        // A backend error is passed on as InternalError with the same id.
+        send(&mut ws, &DOWNSCALE_2.replace(r#""id":2"#, r#""id":6"#)).await;
+        let call = srv.calls.recv().await.unwrap();
+        call.reply
+            .send(ScalingOutcome::InternalError("failed to downscale".into()))
+            .unwrap();
+        assert_eq!(
+            next_text(&mut ws).await,
+            r#"{"type":"InternalError","error":"failed to downscale","id":6}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn upscale_requests_are_spaced_and_coalesced() {
+        let config = SessionConfig {
+            min_upscale_request_interval: Duration::from_millis(300),
+            ..SessionConfig::default()
+        };
+        let srv = start(config).await;
+        let mut ws = connect(srv.addr).await;
+        srv.wanted.send_replace(1);
+        assert_eq!(
+            next_text(&mut ws).await,
+            r#"{"type":"UpscaleRequest","id":3}"#
+        );
+        // Three more asks inside the interval become one request.
+        for n in 2..5 {
+            srv.wanted.send_replace(n);
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            next_text(&mut ws).await,
+            r#"{"type":"UpscaleRequest","id":5}"#
+        );
+        // Nothing else follows once the interval has passed without new asks.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        send(&mut ws, r#"{"content":{},"type":"HealthCheck","id":2}"#).await;
+        assert_eq!(next_text(&mut ws).await, r#"{"type":"HealthCheck","id":2}"#);
+    }
+
+    #[tokio::test]
+    async fn upscale_requests_use_odd_ids_from_3_and_stale_wishes_are_dropped() {
+        let srv = start(SessionConfig::default()).await;
+        // Raised before any agent was connected: must not be sent.
+        srv.wanted.send_replace(1);
+        let mut ws = connect(srv.addr).await;
+        // Health check as a barrier: a stale UpscaleRequest would have been queued before it.
+        send(&mut ws, r#"{"content":{},"type":"HealthCheck","id":2}"#).await;
+        assert_eq!(next_text(&mut ws).await, r#"{"type":"HealthCheck","id":2}"#);
+        srv.wanted.send_replace(2);
+        assert_eq!(
+            next_text(&mut ws).await,
+            r#"{"type":"UpscaleRequest","id":3}"#
+        );
+        srv.wanted.send_replace(3);
+        assert_eq!(
+            next_text(&mut ws).await,
+            r#"{"type":"UpscaleRequest","id":5}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_message_closes_with_1009_and_server_keeps_serving() {
+        let srv = start(SessionConfig::default()).await;
+        let ws = connect(srv.addr).await;
+        let (mut tx, mut rx) = ws.split();
+        let big = "x".repeat((1 << 20) + 1);
+        // Send and read concurrently: the server closes while we are still writing.
+        let sender = tokio::spawn(async move {
+            let _ = tx.send(WsMessage::text(big)).await;
+            tx
+        });
+        let close = match tokio::time::timeout(AGENT_TIMEOUT, rx.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(WsMessage::Close(frame))) => frame,
+            Some(Ok(other)) => panic!("unexpected frame {other:?}"),
+            Some(Err(e)) => panic!("read error before close frame: {e}"),
+            None => panic!("stream ended without a close frame"),
+        };
+        let close = close.expect("close frame without code");
+        assert_eq!(close.code, CloseCode::Size);
+        assert_eq!(u16::from(close.code), 1009);
+        let _ = sender.await;
+        let mut ws2 = connect(srv.addr).await;
+        send(&mut ws2, r#"{"content":{},"type":"HealthCheck","id":2}"#).await;
+        assert_eq!(
+            next_text(&mut ws2).await,
+            r#"{"type":"HealthCheck","id":2}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_sessions_with_1001_and_serve_returns() {
+        let mut srv = start(SessionConfig::default()).await;
+        let mut ws = connect(srv.addr).await;
+        // A second connection still in its handshake is closed too.
+        let (mut pending, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/monitor", srv.addr))
+                .await
+                .unwrap();
+        srv.shutdown.take().unwrap().send(()).unwrap();
+        for client in [&mut ws, &mut pending] {
+            match next_frame(client).await {
+                WsMessage::Close(Some(f)) => {
+                    assert_eq!(u16::from(f.code), 1001);
+                    assert_eq!(f.reason.as_str(), SHUTDOWN_REASON);
+                }
+                other => panic!("expected close frame, got {other:?}"),
+            }
+        }
+        drop(ws);
+        drop(pending);
+        tokio::time::timeout(Duration::from_secs(10), &mut srv.served)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(srv.sessions.live(), 0);
+    }
+
+    #[tokio::test]
+    async fn new_handshake_replaces_old_session_but_half_open_does_not() {
+        let config = SessionConfig {
+            handshake_timeout: Duration::from_millis(500),
+            ..SessionConfig::default()
+        };
+        let srv = start(config).await;
+        let mut old = connect(srv.addr).await;
+        let first = srv.sessions.current();
+        assert!(first.is_some());
+        // Half-open: upgrades, never sends the range, gets dropped at the timeout.
+        let (mut half, _) = tokio_tungstenite::connect_async(format!("ws://{}/monitor", srv.addr))
+            .await
+            .unwrap();
+        match next_frame(&mut half).await {
+            WsMessage::Close(Some(f)) => assert_eq!(u16::from(f.code), 1002),
+            other => panic!("expected close frame, got {other:?}"),
+        }
+        assert_eq!(srv.sessions.current(), first);
+        send(&mut old, r#"{"content":{},"type":"HealthCheck","id":2}"#).await;
+        assert_eq!(
+            next_text(&mut old).await,
+            r#"{"type":"HealthCheck","id":2}"#
+        );
+        // A completed handshake replaces it.
+        let mut new = connect(srv.addr).await;
+        match next_frame(&mut old).await {
+            WsMessage::Close(Some(f)) => {
+                assert_eq!(u16::from(f.code), 1000);
+                assert_eq!(f.reason.as_str(), REPLACED_REASON);
+            }
+            other => panic!("expected close frame, got {other:?}"),
+        }
+        assert_ne!(srv.sessions.current(), first);
+        send(&mut new, r#"{"content":{},"type":"HealthCheck","id":2}"#).await;
+        assert_eq!(
+            next_text(&mut new).await,
+            r#"{"type":"HealthCheck","id":2}"#
+        );
+    }
+}
