@@ -7,7 +7,8 @@ use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR unset"))?,
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR unset"))?,
     );
     let ebpf_dir = manifest_dir
         .parent()

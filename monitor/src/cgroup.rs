@@ -35,8 +35,15 @@ impl CgroupTarget {
     /// As [`CgroupTarget::resolve`] under another root; `require_v2` checks the filesystem type.
     pub fn resolve_under(root: &Path, name: &str, require_v2: bool) -> anyhow::Result<Self> {
         let rel = name.trim_matches('/');
-        if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-            bail!("invalid cgroup name {name:?}: expected a path like `neon-postgres` below {}", root.display());
+        if rel.is_empty()
+            || rel
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            bail!(
+                "invalid cgroup name {name:?}: expected a path like `neon-postgres` below {}",
+                root.display()
+            );
         }
         if require_v2 && !is_cgroup2(root)? {
             bail!(
@@ -47,7 +54,10 @@ impl CgroupTarget {
         }
         let path = root.join(rel);
         let meta = std::fs::metadata(&path).with_context(|| {
-            format!("cgroup {name:?} does not exist ({} is missing)", path.display())
+            format!(
+                "cgroup {name:?} does not exist ({} is missing)",
+                path.display()
+            )
         })?;
         if !meta.is_dir() {
             bail!("{} is not a cgroup directory", path.display());
@@ -97,7 +107,9 @@ impl CgroupMemory {
         let cg = cgroups_rs::fs::Cgroup::load(hierarchy, target.name.as_str());
         let memory = cg
             .controller_of::<cgroups_rs::fs::memory::MemController>()
-            .ok_or_else(|| anyhow::anyhow!("cgroups-rs found no memory controller for {}", target.name))?
+            .ok_or_else(|| {
+                anyhow::anyhow!("cgroups-rs found no memory controller for {}", target.name)
+            })?
             .clone();
         Ok(CgroupMemory {
             target: target.clone(),
@@ -124,9 +136,13 @@ impl CgroupMemory {
     /// `memory.current` in bytes.
     pub fn current(&self) -> anyhow::Result<u64> {
         let text = self.read("memory.current")?;
-        text.trim()
-            .parse()
-            .with_context(|| format!("memory.current of {} is {:?}", self.target.name, text.trim()))
+        text.trim().parse().with_context(|| {
+            format!(
+                "memory.current of {} is {:?}",
+                self.target.name,
+                text.trim()
+            )
+        })
     }
 
     /// `memory.events`.
@@ -190,7 +206,10 @@ mod tests {
         let err = CgroupTarget::resolve_under(&root, "missing", false).unwrap_err();
         assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
         for bad in ["", "/", "../etc", "a//b", "a/./b"] {
-            assert!(CgroupTarget::resolve_under(&root, bad, false).is_err(), "{bad:?}");
+            assert!(
+                CgroupTarget::resolve_under(&root, bad, false).is_err(),
+                "{bad:?}"
+            );
         }
         std::fs::remove_dir_all(&root).unwrap();
     }

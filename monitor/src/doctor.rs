@@ -46,7 +46,10 @@ pub fn render_table(c: &Capabilities) -> String {
         ),
     ];
     for tp in &c.tracepoints {
-        rows.push((format!("  {}", tp.name), if tp.present { "present" } else { "missing" }.into()));
+        rows.push((
+            format!("  {}", tp.name),
+            if tp.present { "present" } else { "missing" }.into(),
+        ));
     }
     rows.push(("BPF ring buffer".into(), yes(c.ringbuf).into()));
     rows.push((
@@ -78,7 +81,11 @@ pub fn render_table(c: &Capabilities) -> String {
             None => format!("none ({})", c.auto_reason),
         },
     ));
-    let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    let width = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}  {v}\n"))
         .collect()

@@ -229,7 +229,9 @@ impl Engine {
 
     async fn feed_reading(&mut self) {
         let Some(cg) = &self.cgroup else { return };
-        let reading = cg.stat().and_then(|s| Ok((s.non_reclaimable(), cg.current()?)));
+        let reading = cg
+            .stat()
+            .and_then(|s| Ok((s.non_reclaimable(), cg.current()?)));
         match reading {
             Ok((non_reclaimable, current)) => {
                 self.feed(Input::Reading {
@@ -255,8 +257,11 @@ impl Engine {
                 if generation != self.fc_generation {
                     self.fc_generation = generation;
                     info!(postgres = %fc.target(), max_mib = max >> 20, "connected to Postgres");
-                    self.feed(Input::FileCacheConnected { at: now(), max_size: max })
-                        .await;
+                    self.feed(Input::FileCacheConnected {
+                        at: now(),
+                        max_size: max,
+                    })
+                    .await;
                 }
             }
             Err(err) => {

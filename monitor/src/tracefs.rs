@@ -162,8 +162,8 @@ fn has_events(root: &Path) -> bool {
 
 fn mount_tracefs(target: &Path) -> anyhow::Result<()> {
     use std::ffi::CString;
-    let target_c = CString::new(target.as_os_str().as_encoded_bytes())
-        .context("tracefs path contains NUL")?;
+    let target_c =
+        CString::new(target.as_os_str().as_encoded_bytes()).context("tracefs path contains NUL")?;
     let fstype = c"tracefs";
     let source = c"nodev";
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
@@ -266,7 +266,9 @@ print fmt: \"pid=%d\", REC->pid
         let fs = TraceFs::at(&dir);
         assert!(fs.has_event("vmscan", "mm_vmscan_memcg_reclaim_begin"));
         assert!(!fs.has_event("vmscan", "mm_vmscan_memcg_reclaim_end"));
-        let f = fs.format("vmscan", "mm_vmscan_memcg_reclaim_begin").unwrap();
+        let f = fs
+            .format("vmscan", "mm_vmscan_memcg_reclaim_begin")
+            .unwrap();
         assert_eq!(f.field("order").unwrap().offset, 8);
         let err = fs.format("oom", "mark_victim").unwrap_err();
         assert!(format!("{err:#}").contains("mark_victim/format"), "{err:#}");

@@ -12,8 +12,8 @@ use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use monitor_ebpf::{
     FieldSlot, FieldSlots, GLOBAL_COALESCE_NS, GLOBAL_FIELDS, GLOBAL_TARGET_CGROUP_ID,
-    GLOBAL_TARGET_CGROUP_LEVEL, KindCounters, MAP_COUNTERS, MAP_EVENTS, PressureRecord,
-    RecordKind, TRACEPOINTS,
+    GLOBAL_TARGET_CGROUP_LEVEL, KindCounters, MAP_COUNTERS, MAP_EVENTS, PressureRecord, RecordKind,
+    TRACEPOINTS,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -25,7 +25,8 @@ use crate::cgroup::CgroupTarget;
 use crate::tracefs::{EventFormat, TraceFs};
 
 /// The eBPF object built by `build.rs` (aya-build), embedded in the binary.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vm-monitor-ebpf"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vm-monitor-ebpf"));
 
 /// What to load.
 #[derive(Clone, Debug, Default)]
@@ -315,7 +316,11 @@ pub fn decode_record(bytes: &[u8]) -> Option<PressureEvent> {
 /// Converts a raw record to the tier-independent event.
 pub fn event_from_record(rec: &PressureRecord) -> Option<PressureEvent> {
     let kind = RecordKind::from_u32(rec.kind)?;
-    let comm_len = rec.comm.iter().position(|&b| b == 0).unwrap_or(rec.comm.len());
+    let comm_len = rec
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(rec.comm.len());
     Some(PressureEvent {
         ts_ns: rec.ts_ns,
         kind: PressureKind::Kernel(kind),
@@ -433,7 +438,10 @@ mod tests {
         assert_eq!(ev.kind, PressureKind::Kernel(RecordKind::MemcgReclaimEnd));
         assert_eq!(ev.comm, "postgres");
         assert_eq!(ev.stall, Duration::from_micros(5));
-        assert_eq!((ev.pid, ev.tgid, ev.cgroup_id, ev.value, ev.events), (7, 6, 42, 32, 3));
+        assert_eq!(
+            (ev.pid, ev.tgid, ev.cgroup_id, ev.value, ev.events),
+            (7, 6, 42, 32, 3)
+        );
         assert!(decode_record(&bytes[..79]).is_none(), "short record");
         rec.kind = 99;
         assert!(event_from_record(&rec).is_none(), "unknown kind");

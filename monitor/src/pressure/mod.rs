@@ -41,9 +41,17 @@ pub enum PressureKind {
     /// The PSI trigger on `memory.pressure` fired.
     PsiTrigger,
     /// `memory.events` changed: counters after the change.
-    MemoryEvents { high: u64, max: u64, oom: u64, oom_kill: u64 },
+    MemoryEvents {
+        high: u64,
+        max: u64,
+        oom: u64,
+        oom_kill: u64,
+    },
     /// A poll-tier sample: non-reclaimable bytes averaged over the poll window.
-    PolledSample { avg_non_reclaimable: u64, samples: u32 },
+    PolledSample {
+        avg_non_reclaimable: u64,
+        samples: u32,
+    },
 }
 
 /// One pressure event, whatever the tier.

@@ -98,6 +98,10 @@ mod tests {
         for _ in 0..HISTORY_LEN {
             m.push(u64::MAX);
         }
-        assert_eq!(m.push(u64::MAX), (u64::MAX, 5), "no overflow on huge samples");
+        assert_eq!(
+            m.push(u64::MAX),
+            (u64::MAX, 5),
+            "no overflow on huge samples"
+        );
     }
 }

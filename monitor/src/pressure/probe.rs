@@ -124,7 +124,10 @@ pub fn choose_tier(inputs: TierInputs, choice: SignalChoice) -> Result<(Tier, St
             .map(|()| (Tier::Poll, "requested with --signal poll".into()))
             .map_err(|e| format!("--signal poll is not possible: {e}")),
         SignalChoice::Auto => match (ebpf, psi, poll) {
-            (Ok(()), _, _) => Ok((Tier::Ebpf, "eBPF tracepoints and ring buffer available".into())),
+            (Ok(()), _, _) => Ok((
+                Tier::Ebpf,
+                "eBPF tracepoints and ring buffer available".into(),
+            )),
             (Err(e), Ok(()), _) => Ok((Tier::Psi, format!("no eBPF: {e}; using PSI triggers"))),
             (Err(e), Err(p), Ok(())) => Ok((
                 Tier::Poll,
@@ -149,7 +152,10 @@ pub fn probe(cgroup: Option<&str>) -> Capabilities {
     let (can_load_bpf, bpf_error) =
         match aya::sys::is_program_supported(aya::programs::ProgramType::TracePoint) {
             Ok(true) => (true, None),
-            Ok(false) => (false, Some("tracepoint programs are not supported".to_string())),
+            Ok(false) => (
+                false,
+                Some("tracepoint programs are not supported".to_string()),
+            ),
             Err(err) => (false, Some(format!("{err}"))),
         };
     let cgroup2 = is_cgroup2(Path::new(CGROUP2_ROOT)).unwrap_or(false);
@@ -193,7 +199,10 @@ pub fn probe(cgroup: Option<&str>) -> Capabilities {
         auto_tier: None,
         auto_reason: String::new(),
     };
-    match (&caps.cgroup, choose_tier(caps.tier_inputs(), SignalChoice::Auto)) {
+    match (
+        &caps.cgroup,
+        choose_tier(caps.tier_inputs(), SignalChoice::Auto),
+    ) {
         (None, _) => {
             caps.auto_reason = "no --cgroup given: only the protocol is served".into();
         }
@@ -222,7 +231,10 @@ mod tests {
 
     #[test]
     fn auto_prefers_ebpf_then_psi_then_poll() {
-        assert_eq!(choose_tier(all(), SignalChoice::Auto).unwrap().0, Tier::Ebpf);
+        assert_eq!(
+            choose_tier(all(), SignalChoice::Auto).unwrap().0,
+            Tier::Ebpf
+        );
         let no_bpf = TierInputs {
             can_load_bpf: false,
             ..all()
@@ -275,8 +287,14 @@ mod tests {
             ..all()
         };
         assert!(choose_tier(no_psi, SignalChoice::Psi).is_err());
-        assert_eq!(choose_tier(no_psi, SignalChoice::Poll).unwrap().0, Tier::Poll);
-        assert_eq!(choose_tier(all(), SignalChoice::Poll).unwrap().0, Tier::Poll);
+        assert_eq!(
+            choose_tier(no_psi, SignalChoice::Poll).unwrap().0,
+            Tier::Poll
+        );
+        assert_eq!(
+            choose_tier(all(), SignalChoice::Poll).unwrap().0,
+            Tier::Poll
+        );
         assert_eq!(choose_tier(all(), SignalChoice::Psi).unwrap().0, Tier::Psi);
     }
 }

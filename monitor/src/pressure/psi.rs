@@ -43,10 +43,16 @@ impl PsiTrigger {
         let window_us = self.window.as_micros();
         let stall_us = self.stall.as_micros();
         if !(500_000..=10_000_000).contains(&window_us) {
-            bail!("PSI window must be between 500 ms and 10 s, got {:?}", self.window);
+            bail!(
+                "PSI window must be between 500 ms and 10 s, got {:?}",
+                self.window
+            );
         }
         if stall_us == 0 || stall_us > window_us {
-            bail!("PSI stall threshold must be > 0 and ≤ the window, got {:?}", self.stall);
+            bail!(
+                "PSI stall threshold must be > 0 and ≤ the window, got {:?}",
+                self.stall
+            );
         }
         Ok(format!("some {stall_us} {window_us}"))
     }
@@ -92,7 +98,11 @@ async fn run_trigger(
             .await
             .context("waiting for the PSI trigger")?;
         guard.clear_ready();
-        if tx.send(PressureEvent::now(PressureKind::PsiTrigger)).await.is_err() {
+        if tx
+            .send(PressureEvent::now(PressureKind::PsiTrigger))
+            .await
+            .is_err()
+        {
             return Ok(());
         }
     }
