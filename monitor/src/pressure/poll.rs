@@ -53,8 +53,9 @@ async fn run(path: PathBuf, tx: mpsc::Sender<PressureEvent>) -> anyhow::Result<(
     let mut failing = false;
     loop {
         ticker.tick().await;
-        let stat = match tokio::fs::read_to_string(&path)
-            .await
+        // A plain read, like the reference's: cgroupfs answers from memory, and a trip through
+        // the blocking pool would add thread hand-offs to every 100 ms tick.
+        let stat = match std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))
             .and_then(|t| crate::memstat::parse_memory_stat(&t).map_err(anyhow::Error::from))
         {
