@@ -100,7 +100,10 @@ async fn start(coalesce: Duration) -> (AttachedPrograms, mpsc::Receiver<Pressure
         "vmscan:mm_vmscan_kswapd_wake",
         "oom:mark_victim",
     ] {
-        assert!(attached.iter().any(|a| a == tp), "{tp} not attached: {attached:?}");
+        assert!(
+            attached.iter().any(|a| a == tp),
+            "{tp} not attached: {attached:?}"
+        );
     }
     let (tx, rx) = mpsc::channel(65536);
     (pipeline.start(tx).expect("starting the consumer"), rx)
@@ -147,14 +150,24 @@ async fn memcg_reclaim_events_arrive_with_stall_and_counters_add_up() {
         .iter()
         .filter(|e| e.kind == PressureKind::Kernel(RecordKind::MemcgReclaimEnd))
         .collect();
-    assert!(begins > 0, "no memcg reclaim begin for pid {pid}; got {} records in all", events.len());
+    assert!(
+        begins > 0,
+        "no memcg reclaim begin for pid {pid}; got {} records in all",
+        events.len()
+    );
     assert!(!ends.is_empty(), "no memcg reclaim end for pid {pid}");
     assert!(
         ends.iter().any(|e| !e.stall.is_zero()),
         "every reclaim end has zero stall: {ends:?}"
     );
-    assert!(ends.iter().map(|e| e.value).sum::<u64>() > 0, "nothing reclaimed");
-    assert!(mine.iter().all(|e| e.comm == "dd"), "comm of the workload: {mine:?}");
+    assert!(
+        ends.iter().map(|e| e.value).sum::<u64>() > 0,
+        "nothing reclaimed"
+    );
+    assert!(
+        mine.iter().all(|e| e.comm == "dd"),
+        "comm of the workload: {mine:?}"
+    );
     // Timestamps are CLOCK_BOOTTIME, the clock perf/trace-cmd use.
     let now = monitor::pressure::boottime_ns();
     assert!(mine.iter().all(|e| e.ts_ns > 0 && e.ts_ns <= now));
@@ -163,7 +176,11 @@ async fn memcg_reclaim_events_arrive_with_stall_and_counters_add_up() {
     // and what we received is what the kernel says it sent.
     let received = count_by_kind(&events);
     for (kind, c) in &after {
-        assert_eq!(c.seen, c.emitted + c.coalesced + c.dropped, "{kind:?}: {c:?}");
+        assert_eq!(
+            c.seen,
+            c.emitted + c.coalesced + c.dropped,
+            "{kind:?}: {c:?}"
+        );
         assert_eq!(c.coalesced, 0, "{kind:?}: coalescing was off");
         let got = received.get(kind).copied().unwrap_or(0);
         let low = before.get(kind).map(|c| c.emitted).unwrap_or(0);
@@ -204,7 +221,10 @@ async fn coalescing_bounds_records_and_counts_what_it_folds() {
         .iter()
         .filter(|e| e.tgid == pid && e.kind == PressureKind::Kernel(RecordKind::MemcgReclaimBegin))
         .count();
-    assert!(mine_begins <= 1, "coalescing let {mine_begins} begins through for one cgroup");
+    assert!(
+        mine_begins <= 1,
+        "coalescing let {mine_begins} begins through for one cgroup"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +236,10 @@ async fn oom_kill_is_reported_with_the_victim_pid() {
     // Anonymous memory beyond the limit with no swap: the memcg OOM killer must kill it.
     // `tail` keeps the whole newline-free stream in memory.
     let (pid, status) = cg.run("tail /dev/zero");
-    assert!(!status.success(), "the allocation should have been OOM-killed");
+    assert!(
+        !status.success(),
+        "the allocation should have been OOM-killed"
+    );
     let events = drain(&mut rx).await;
     let oom: Vec<_> = events
         .iter()
