@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use monitor::cgroup::CgroupTarget;
 use monitor::pressure::ebpf::{AttachedPrograms, EbpfOptions, EbpfPipeline};
 use monitor::pressure::{PressureEvent, PressureKind, RecordKind};
 use tokio::sync::mpsc;
@@ -81,11 +82,15 @@ fn require_root() {
 }
 
 async fn start(coalesce: Duration) -> (AttachedPrograms, mpsc::Receiver<PressureEvent>) {
-    let pipeline = EbpfPipeline::load(&EbpfOptions {
-        target: None,
-        coalesce,
-    })
-    .expect("loading the eBPF programs on the host kernel");
+    start_with(None, coalesce).await
+}
+
+async fn start_with(
+    target: Option<CgroupTarget>,
+    coalesce: Duration,
+) -> (AttachedPrograms, mpsc::Receiver<PressureEvent>) {
+    let pipeline = EbpfPipeline::load(&EbpfOptions { target, coalesce })
+        .expect("loading the eBPF programs on the host kernel");
     let attached: Vec<_> = pipeline
         .attach_status()
         .iter()
@@ -251,6 +256,51 @@ async fn oom_kill_is_reported_with_the_victim_pid() {
     );
     let c = programs.counters().snapshot().unwrap()[&RecordKind::OomVictim];
     assert_eq!(c.coalesced, 0, "OOM kills are never coalesced: {c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the host kernel; run by `cargo xtask test`"]
+async fn memcg_stat_tracepoint_reports_the_target_memcg_by_its_own_id() {
+    require_root();
+    let tracefs = monitor::tracefs::TraceFs::locate().unwrap();
+    if !tracefs.has_event("memcg", "count_memcg_events") {
+        println!("skipped: this kernel has no memcg:count_memcg_events (added in 6.13)");
+        return;
+    }
+    let cg = ScratchMemcg::create("memcg-events", 16 << 20);
+    // The event carries the memcg's own cgroup id (its directory inode), so it matches the v1
+    // child here just as it matches a v2 group in the VM.
+    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cg.dir).unwrap());
+    let target = CgroupTarget {
+        name: "scratch".into(),
+        path: cg.dir.clone(),
+        id,
+        level: 1,
+    };
+    let (programs, mut rx) = start_with(Some(target), Duration::from_millis(1)).await;
+    let file = scratch_file("memcg-events-fill");
+    cg.run(&format!(
+        "dd if=/dev/zero of={} bs=1M count=32 conv=fsync status=none",
+        file.display()
+    ));
+    let events = drain(&mut rx).await;
+    let _ = std::fs::remove_file(&file);
+    let memcg: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == PressureKind::Kernel(RecordKind::MemcgEvents))
+        .collect();
+    assert!(
+        !memcg.is_empty(),
+        "no memcg:count_memcg_events records for id {id}"
+    );
+    assert!(memcg.iter().all(|e| e.cgroup_id == id), "{memcg:?}");
+    assert!(memcg.iter().all(|e| e.value > 0), "{memcg:?}");
+    let c = programs.counters().snapshot().unwrap()[&RecordKind::MemcgEvents];
+    assert_eq!(c.seen, c.emitted + c.coalesced + c.dropped, "{c:?}");
+    println!(
+        "memcg events for id {id}: {} records, counters {c:?}",
+        memcg.len()
+    );
 }
 
 fn count_by_kind(events: &[PressureEvent]) -> BTreeMap<RecordKind, u64> {
