@@ -122,6 +122,32 @@ fn allocate(mib: u32) -> String {
     format!("sh -c 'head -c {mib}M /dev/zero | tail > /dev/null'")
 }
 
+/// Echoes a child's stderr (prefixed with `label`) and hands each line to the receiver.
+fn forward_stderr(child: &mut Child, label: &'static str) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[{label}] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Whether a line containing `needle` arrives within a minute (TCG is slow).
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) if line.contains(needle) => return true,
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+        }
+    }
+    false
+}
+
 /// A running `vm-monitor trace`, stopped with SIGINT; its events are read from `--output`.
 struct Trace {
     child: Child,
@@ -141,14 +167,7 @@ impl Trace {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[trace] {line}");
-                let _ = tx.send(line);
-            }
-        });
+        let rx = forward_stderr(&mut child, "trace");
         let t = Trace {
             child,
             output,
@@ -159,15 +178,10 @@ impl Trace {
     }
 
     fn wait_for_stderr(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            match self.stderr.recv_timeout(Duration::from_secs(1)) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        panic!("vm-monitor trace never printed {needle:?}");
+        assert!(
+            wait_for_line(&self.stderr, needle),
+            "vm-monitor trace never printed {needle:?}"
+        );
     }
 
     fn stop(mut self) -> Vec<Value> {
@@ -341,24 +355,10 @@ fn idle_wakeups(cg: &Cgroup, signal: &str) -> u64 {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[daemon] {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(l) if l.contains("pressure signal tier chosen") => break,
-            _ if Instant::now() > deadline => {
-                let _ = child.kill();
-                panic!("daemon never reported its tier");
-            }
-            _ => {}
-        }
+    let rx = forward_stderr(&mut child, "daemon");
+    if !wait_for_line(&rx, "pressure signal tier chosen") {
+        let _ = child.kill();
+        panic!("daemon never reported its tier");
     }
     std::thread::sleep(Duration::from_secs(2)); // let start-up settle
     let pid = child.id();
