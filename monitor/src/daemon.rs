@@ -1,6 +1,7 @@
 //! The daemon (default command): bind, start the pressure source for the chosen tier, serve the
 //! agent until SIGTERM/SIGINT.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -10,11 +11,14 @@ use tracing::{info, warn};
 use crate::backend;
 use crate::cgroup::{CgroupMemory, CgroupTarget};
 use crate::cli::{ServeArgs, SignalChoice};
+use crate::decisions::{self, DecisionLog};
 use crate::engine::{self, EngineParts};
+use crate::metrics::{self, Metrics};
 use crate::policy;
 use crate::pressure::ebpf::{AttachedPrograms, EbpfOptions, EbpfPipeline};
 use crate::pressure::probe::{choose_tier, probe};
 use crate::pressure::{PressureEvent, Tier, poll, psi};
+use crate::server::ServerState;
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
@@ -176,6 +180,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .context("reading the listener's address")?;
+    let metrics_listener = match &args.metrics_addr {
+        Some(addr) => Some(
+            crate::server::bind_for(addr, "serving /metrics and /debug/decisions")
+                .await
+                .context("--metrics-addr")?,
+        ),
+        None => None,
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -184,31 +196,74 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let _ = shutdown_tx.send(true);
     });
 
+    let metrics = Metrics::new();
+    let decision_log = Arc::new(DecisionLog::new(decisions::DEFAULT_CAPACITY));
+    let (decision_tx, decision_rx) = mpsc::unbounded_channel();
+    decisions::spawn_collector(decision_rx, decision_log.clone(), Some(metrics.clone()));
+
     let (backend, engine, _source) = if cgroup.is_none() && file_cache.is_none() {
         info!(addr = %local, "server bound; not managing a cgroup or file cache");
-        (backend::spawn_unmanaged(), None, None)
+        metrics.set_tier(None);
+        decision_log.set_tier(None);
+        // No policy here; the instrumented backend records the approvals it gives.
+        let backend = metrics::instrument_backend(
+            backend::spawn_unmanaged(),
+            metrics.clone(),
+            Some(decision_tx),
+        );
+        (backend, None, None)
     } else {
-        let (pressure, source) = match &target {
+        let (pressure, source, tier) = match &target {
             Some(t) => {
                 let (tx, rx) = mpsc::channel(4096);
                 let coalesce = Duration::from_millis(args.coalesce_ms);
-                let (_tier, source) = start_pressure(t, args.signal, coalesce, tx).await?;
-                (Some(rx), Some(source))
+                let (tier, source) = start_pressure(t, args.signal, coalesce, tx).await?;
+                if let PressureSource::Ebpf(programs) = &source {
+                    metrics.set_kernel(Box::new(metrics::EbpfKernelSource::new(
+                        programs.counters(),
+                        programs.program_ids(),
+                    )));
+                }
+                (Some(rx), Some(source), Some(tier))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
+        metrics.set_tier(tier);
+        decision_log.set_tier(tier);
         let parts = EngineParts {
             policy,
             cgroup,
             file_cache,
             mem_total: engine::mem_total()?,
+            metrics: Some(metrics.clone()),
         };
-        let handle = engine::spawn(parts, pressure, shutdown_rx.clone(), None);
+        let handle = engine::spawn(parts, pressure, shutdown_rx.clone(), Some(decision_tx));
         info!(addr = %local, cgroup = ?args.cgroup, file_cache = args.pgconnstr.is_some(), "server bound");
-        (handle.backend, Some(handle.task), source)
+        let backend = metrics::instrument_backend(handle.backend, metrics.clone(), None);
+        (backend, Some(handle.task), source)
     };
+
+    let state = ServerState::new(backend);
+    let sessions = state.sessions.clone();
+    metrics.set_sessions(sessions.clone());
+    let observability = crate::server::observability_router(metrics, decision_log);
+    if let Some(listener) = metrics_listener {
+        let app = observability.clone().merge(crate::server::health_router());
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(err) = served {
+                warn!(error = %err, "the --metrics-addr server failed");
+            }
+        });
+    }
+    let app = crate::server::router(state).merge(observability);
     let mut server_shutdown = shutdown_rx.clone();
-    let server = crate::server::serve(listener, backend, async move {
+    let server = crate::server::serve_router(listener, app, sessions, async move {
         let _ = server_shutdown.wait_for(|stop| *stop).await;
     });
     let served = server.await;

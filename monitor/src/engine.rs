@@ -13,6 +13,8 @@ use tracing::{debug, info, warn};
 use crate::backend::{BackendHandle, ScalingCall, ScalingOutcome, ScalingRequest};
 use crate::cgroup::CgroupMemory;
 use crate::filecache::FileCache;
+use crate::logging::warn_limited;
+use crate::metrics::Metrics;
 use crate::policy::{Action, Decision, Effect, Input, Policy, PressureSignal};
 use crate::pressure::{PressureEvent, PressureKind, boottime_ns};
 
@@ -28,6 +30,8 @@ pub struct EngineParts {
     pub file_cache: Option<FileCache>,
     /// Total memory at startup (MemTotal), the reference's starting size.
     pub mem_total: u64,
+    /// Where to count events, requests and the VM's sizes (`/metrics`).
+    pub metrics: Option<Metrics>,
 }
 
 /// Observers of the engine (decision log, metrics) get every decision here.
@@ -61,6 +65,7 @@ pub fn spawn(
         wanted: wanted_tx,
         tick_at: None,
         decisions,
+        metrics: parts.metrics,
     };
     let task = tokio::spawn(engine.run(parts.mem_total, pressure, calls_rx, shutdown));
     EngineHandle {
@@ -86,6 +91,7 @@ struct Engine {
     /// Policy-requested tick (boot-clock ns).
     tick_at: Option<u64>,
     decisions: Option<DecisionSink>,
+    metrics: Option<Metrics>,
 }
 
 fn now() -> Duration {
@@ -210,13 +216,17 @@ impl Engine {
             Some(cg) if needs_reading => match cg.stat() {
                 Ok(s) => Some(s.non_reclaimable()),
                 Err(err) => {
-                    warn!(error = %format!("{err:#}"), "cannot read memory.stat on a pressure event");
+                    // Would repeat on every burst while the file stays unreadable.
+                    warn_limited!(error = %format!("{err:#}"), "cannot read memory.stat on a pressure event");
                     None
                 }
             },
             _ => None,
         };
         for ev in burst.drain(..) {
+            if let Some(m) = &self.metrics {
+                m.pressure_event(&ev);
+            }
             let (signal, carried) = PressureSignal::from_event(&ev);
             let input = Input::Pressure {
                 at: Duration::from_nanos(ev.ts_ns.max(1)),
@@ -241,7 +251,9 @@ impl Engine {
                 })
                 .await
             }
-            Err(err) => warn!(error = %format!("{err:#}"), "cannot read the cgroup's memory"),
+            Err(err) => {
+                warn_limited!(error = %format!("{err:#}"), "cannot read the cgroup's memory")
+            }
         }
     }
 
@@ -266,7 +278,8 @@ impl Engine {
             }
             Err(err) => {
                 let wait = fc.next_attempt_in().unwrap_or(Duration::from_secs(1));
-                warn!(error = %format!("{err:#}"), retry_in = ?wait, "Postgres not reachable; file cache resize postponed");
+                // Retried with backoff for as long as Postgres is down.
+                warn_limited!(error = %format!("{err:#}"), retry_in = ?wait, "Postgres not reachable; file cache resize postponed");
                 self.fc_retry_at = Some(boottime_ns() + wait.as_nanos() as u64);
             }
         }
@@ -275,12 +288,23 @@ impl Engine {
     /// Feeds one input and applies the resulting actions, feeding back their results until the
     /// policy has nothing more to do.
     async fn feed(&mut self, input: Input) {
+        // The reaction latency is measured from the kernel's timestamp of the triggering event.
+        let trigger_at = match &input {
+            Input::Pressure { at, .. } => Some(*at),
+            _ => None,
+        };
+        if let Some(m) = &self.metrics {
+            m.input(&input);
+        }
         let mut queue: VecDeque<Action> = self.policy.handle(input).into();
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::SendUpscaleRequest { reason } => {
                     info!(%reason, "requesting upscale");
                     self.wanted.send_modify(|n| *n += 1);
+                    if let Some(m) = &self.metrics {
+                        m.upscale_requested(trigger_at);
+                    }
                 }
                 Action::SetFileCache { bytes } => {
                     let result = self.apply_file_cache(bytes).await;
@@ -297,7 +321,8 @@ impl Engine {
                     };
                     match &result {
                         Ok(()) => debug!(%value, "memory.high written"),
-                        Err(e) => warn!(%value, error = %e, "writing memory.high failed"),
+                        // Stepping retries every few ms under pressure; keep the log readable.
+                        Err(e) => warn_limited!(%value, error = %e, "writing memory.high failed"),
                     }
                     queue.extend(self.policy.handle(Input::Applied {
                         at: now(),
@@ -322,6 +347,9 @@ impl Engine {
                     }
                 }
             }
+        }
+        if let Some(m) = &self.metrics {
+            m.policy_state(&self.policy);
         }
     }
 

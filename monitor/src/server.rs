@@ -1,9 +1,12 @@
-//! HTTP side: `GET /monitor` (agent websocket), `GET /healthz` (daemon liveness).
+//! HTTP side: `GET /monitor` (agent websocket), `GET /healthz` (daemon liveness), and the
+//! operators' `GET /metrics` and `GET /debug/decisions` ([`observability_router`]).
 //!
 //! [`router`] is separate from [`serve`] so more routes (e.g. `/metrics`) can be merged in;
 //! use [`serve_router`] to serve such an extended router with the same shutdown handling.
 
 use crate::backend::BackendHandle;
+use crate::decisions::{self, DecisionLog};
+use crate::metrics::{self, Metrics};
 use crate::session::{self, SessionConfig, SessionContext, Sessions};
 use anyhow::{Context, bail};
 use axum::Router;
@@ -56,6 +59,24 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// `GET /metrics` (Prometheus) and `GET /debug/decisions` (JSON decision log). Merge it into
+/// [`router`] (no overlapping routes), or serve it alone with [`health_router`] merged in.
+pub fn observability_router(metrics: Metrics, decisions: Arc<DecisionLog>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::handler))
+        .with_state(metrics)
+        .merge(
+            Router::new()
+                .route("/debug/decisions", get(decisions::handler))
+                .with_state(decisions),
+        )
+}
+
+/// Only `GET /healthz`, for a listener that does not serve the agent.
+pub fn health_router() -> Router {
+    Router::new().route("/healthz", get(healthz))
+}
+
 /// Non-upgrade requests are rejected by the `WebSocketUpgrade` extractor with a 4xx.
 async fn monitor_ws(
     State(state): State<ServerState>,
@@ -83,6 +104,11 @@ async fn monitor_ws(
 /// Binds the listen address. `addr` is `IP:port` or `host:port` (resolved; every resolved
 /// address is tried in turn).
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    bind_for(addr, "listening for the autoscaler-agent").await
+}
+
+/// [`bind`], logging `what` with the bound address.
+pub async fn bind_for(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     let candidates: Vec<SocketAddr> = tokio::net::lookup_host(addr)
         .await
         .with_context(|| {
@@ -97,7 +123,7 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
         match TcpListener::bind(candidate).await {
             Ok(listener) => {
                 let local = listener.local_addr().unwrap_or(*candidate);
-                info!(addr = %local, "listening for the autoscaler-agent");
+                info!(addr = %local, "{what}");
                 return Ok(listener);
             }
             Err(e) => errors.push(format!("{candidate}: {e}")),

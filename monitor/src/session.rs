@@ -57,6 +57,10 @@ pub struct Sessions {
     current: Mutex<Option<Current>>,
     shutdown: watch::Sender<bool>,
     live: watch::Sender<usize>,
+    /// Handshakes completed (for `/metrics`).
+    accepted: AtomicU64,
+    /// `UpscaleRequest` frames queued for agents (for `/metrics`).
+    upscale_requests_sent: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -72,6 +76,8 @@ impl Sessions {
             current: Mutex::new(None),
             shutdown: watch::channel(false).0,
             live: watch::channel(0).0,
+            accepted: AtomicU64::new(0),
+            upscale_requests_sent: AtomicU64::new(0),
         })
     }
 
@@ -88,6 +94,16 @@ impl Sessions {
     /// Connection id of the current (handshaken) agent session, if any.
     pub fn current(&self) -> Option<u64> {
         self.lock().as_ref().map(|c| c.conn)
+    }
+
+    /// Agent sessions that completed the protocol handshake so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// `UpscaleRequest` frames sent to agents so far (after the per-session rate limit).
+    pub fn upscale_requests_sent(&self) -> u64 {
+        self.upscale_requests_sent.load(Ordering::Relaxed)
     }
 
     /// Waits until every connection is gone, or `timeout` passed. Returns whether all are gone.
@@ -115,6 +131,7 @@ impl Sessions {
     /// Makes `conn` the current session and tells the previous one to go.
     fn promote(&self, conn: u64) -> oneshot::Receiver<()> {
         let (kill, rx) = oneshot::channel();
+        self.accepted.fetch_add(1, Ordering::Relaxed);
         let previous = self.lock().replace(Current { conn, kill });
         if let Some(old) = previous {
             info!(
@@ -389,6 +406,7 @@ async fn established(
                 if !queue(&out_tx, msg) {
                     break End::Gone;
                 }
+                ctx.sessions.upscale_requests_sent.fetch_add(1, Ordering::Relaxed);
             }
             frame = stream.next() => {
                 let frame = match frame {

@@ -229,6 +229,65 @@ impl AttachedPrograms {
     pub fn attach_status(&self) -> &[AttachStatus] {
         &self.attach
     }
+
+    /// Kernel ids of the loaded programs, by program name, for [`program_stats`].
+    pub fn program_ids(&self) -> Vec<(String, u32)> {
+        self._ebpf
+            .programs()
+            .filter_map(|(name, prog)| prog.info().ok().map(|i| (name.to_string(), i.id())))
+            .collect()
+    }
+}
+
+/// Run statistics of one loaded program. The kernel only accumulates them while
+/// `kernel.bpf_stats_enabled=1` (or a `BPF_ENABLE_STATS` fd is held); otherwise they stay 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// Program (function) name in the object.
+    pub program: String,
+    pub run_count: u64,
+    pub run_time: Duration,
+}
+
+/// Current run statistics of the programs in `ids` (from [`AttachedPrograms::program_ids`]).
+/// Programs no longer loaded are left out.
+pub fn program_stats(ids: &[(String, u32)]) -> anyhow::Result<Vec<ProgramStats>> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut last_err = None;
+    // aya offers no info-by-id for a program we do not hold, so walk the loaded ones; a
+    // program unloaded mid-walk only fails its own entry.
+    for info in aya::programs::loaded_programs() {
+        let info = match info {
+            Ok(i) => i,
+            Err(err) => {
+                last_err = Some(err);
+                continue;
+            }
+        };
+        if let Some((name, _)) = ids.iter().find(|(_, id)| *id == info.id()) {
+            out.push(ProgramStats {
+                program: name.clone(),
+                run_count: info.run_count(),
+                run_time: info.run_time(),
+            });
+        }
+    }
+    match last_err {
+        Some(err) if out.is_empty() && !ids.is_empty() => {
+            Err(anyhow::Error::new(err).context("listing loaded BPF programs"))
+        }
+        _ => {
+            out.sort_by(|a, b| a.program.cmp(&b.program));
+            Ok(out)
+        }
+    }
+}
+
+/// Whether `kernel.bpf_stats_enabled` is on (program run count/time are being accumulated).
+pub fn bpf_stats_enabled() -> anyhow::Result<bool> {
+    let path = "/proc/sys/kernel/bpf_stats_enabled";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    Ok(text.trim() != "0")
 }
 
 impl Drop for AttachedPrograms {
@@ -269,7 +328,11 @@ async fn consume(
             while let Some(item) = rb.next() {
                 match decode_record(&item) {
                     Some(ev) => batch.push(ev),
-                    None => warn!(len = item.len(), "malformed ring-buffer record skipped"),
+                    // A kernel/ABI mismatch would repeat on every record.
+                    None => crate::logging::warn_limited!(
+                        len = item.len(),
+                        "malformed ring-buffer record skipped"
+                    ),
                 }
                 // `item` is dropped here, which releases its space in the ring.
             }

@@ -14,7 +14,7 @@ use inotify::{Inotify, WatchMask};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{PressureEvent, PressureKind};
 use crate::cgroup::CgroupTarget;
@@ -155,7 +155,7 @@ async fn run_events(
         .context("inotify event stream")?;
     while let Some(item) = stream.next().await {
         if let Err(err) = item {
-            warn!(error = %err, "memory.events watch failed");
+            crate::logging::warn_limited!(error = %err, "memory.events watch failed");
             continue;
         }
         let now = match read_counts(&path) {

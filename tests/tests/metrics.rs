@@ -1,0 +1,341 @@
+//! Operators' endpoints of the real `vm-monitor` binary (unmanaged mode, loopback only):
+//! `/metrics` parses with an independent Prometheus text parser and moves as a fake agent drives
+//! the daemon; `/debug/decisions` is JSON; `--metrics-addr` serves both; `--log-format json`
+//! writes one JSON object per line. Build the binary first: `cargo build -p monitor`.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use prometheus_parse::{Scrape, Value as Sample};
+use serde_json::Value;
+use tests::agent::{AgentConfig, Alloc, FakeAgent};
+use tests::daemon::Daemon;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const CU: Alloc = Alloc::DEFAULT_CU;
+const NOT_MANAGING: &str = "monitor is not managing cgroup or file cache";
+
+/// An HTTP/1.1 response: status, lower-cased headers, body.
+struct HttpResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl HttpResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> anyhow::Result<HttpResponse> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some(a) = accept {
+            req.push_str(&format!("Accept: {a}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .context("HTTP request timed out")??;
+    let text = String::from_utf8(buf).context("response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no header end in {text:?}"))?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line in {head:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect::<Vec<_>>();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        bail!("chunked responses are not expected from these endpoints");
+    }
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+async fn scrape(addr: SocketAddr) -> Scrape {
+    let r = get(addr, "/metrics", None).await.expect("GET /metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let s = Scrape::parse(r.body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{}", r.body));
+    assert!(!s.samples.is_empty());
+    for sample in &s.samples {
+        assert!(
+            sample.metric.starts_with("vm_monitor_"),
+            "unprefixed metric {}",
+            sample.metric
+        );
+    }
+    s
+}
+
+/// Value of the sample `name` with (at least) `labels`; `None` if absent.
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .and_then(|x| match x.value {
+            Sample::Counter(v) | Sample::Gauge(v) | Sample::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// Scrapes until `name{labels}` equals `want` (the daemon updates some metrics after replying).
+async fn wait_for(addr: SocketAddr, name: &str, labels: &[(&str, &str)], want: f64) -> Scrape {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = scrape(addr).await;
+        let got = value(&s, name, labels);
+        if got == Some(want) {
+            return s;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("{name}{labels:?} is {got:?}, want {want}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn decisions(addr: SocketAddr, query: &str) -> Value {
+    let r = get(addr, &format!("/debug/decisions{query}"), None)
+        .await
+        .expect("GET /debug/decisions");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("not JSON: {e}: {}", r.body))
+}
+
+#[tokio::test]
+async fn metrics_and_decisions_follow_an_agent_session() {
+    let mut d = Daemon::start().await.expect("starting vm-monitor");
+    let s = scrape(d.addr).await;
+    assert_eq!(
+        value(&s, "vm_monitor_signal_tier", &[("tier", "none")]),
+        Some(1.0)
+    );
+    assert_eq!(value(&s, "vm_monitor_agent_connected", &[]), Some(0.0));
+    assert_eq!(value(&s, "vm_monitor_agent_sessions_total", &[]), Some(0.0));
+    assert_eq!(
+        value(
+            &s,
+            "vm_monitor_downscale_requests_total",
+            &[("result", "approved")]
+        ),
+        Some(0.0)
+    );
+    assert!(
+        s.samples
+            .iter()
+            .any(|x| x.metric == "vm_monitor_reaction_latency_seconds"),
+        "latency histogram exported from the start"
+    );
+    let page = decisions(d.addr, "").await;
+    assert_eq!(page["total"], 0);
+    assert_eq!(page["capacity"], 1024);
+    assert_eq!(page["decisions"], Value::Array(vec![]));
+
+    let agent = FakeAgent::connect(AgentConfig::new(d.ws_url()))
+        .await
+        .expect("agent connects");
+    wait_for(d.addr, "vm_monitor_agent_connected", &[], 1.0).await;
+    let s = wait_for(d.addr, "vm_monitor_agent_sessions_total", &[], 1.0).await;
+    assert_eq!(value(&s, "vm_monitor_agent_connections", &[]), Some(1.0));
+
+    // 4 CU → 3 CU: one DownscaleRequest, approved by the unmanaged daemon.
+    let report = agent
+        .downscale_to(Alloc::cus(3, CU), Duration::from_secs(20))
+        .await
+        .expect("downscale");
+    assert_eq!(agent.vm(), Alloc::cus(3, CU), "{report:?}");
+    let s = wait_for(
+        d.addr,
+        "vm_monitor_downscale_requests_total",
+        &[("result", "approved")],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        value(
+            &s,
+            "vm_monitor_downscale_requests_total",
+            &[("result", "denied")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "vm_monitor_decisions_total",
+            &[("kind", "downscale_approved")]
+        ),
+        Some(1.0)
+    );
+
+    agent
+        .upscale_to(Alloc::cus(4, CU), Duration::from_secs(20))
+        .await
+        .expect("upscale");
+    wait_for(
+        d.addr,
+        "vm_monitor_upscale_notifications_total",
+        &[("result", "confirmed")],
+        1.0,
+    )
+    .await;
+
+    agent.close().await.expect("agent closes");
+    let s = wait_for(d.addr, "vm_monitor_agent_connected", &[], 0.0).await;
+    assert_eq!(
+        value(&s, "vm_monitor_agent_sessions_total", &[]),
+        Some(1.0),
+        "a counter: stays after the session ends"
+    );
+    assert_eq!(
+        value(&s, "vm_monitor_upscale_requests_sent_total", &[]),
+        Some(0.0)
+    );
+
+    // The decision log: both answers, oldest first, with their inputs.
+    let page = decisions(d.addr, "").await;
+    assert_eq!(page["total"], 2, "{page}");
+    let list = page["decisions"].as_array().expect("decisions array");
+    assert_eq!(list.len(), 2, "{page}");
+    assert_eq!(list[0]["seq"], 1);
+    assert_eq!(list[0]["kind"], "downscale_approved");
+    assert_eq!(list[0]["input"], "downscale request target=3072 MiB");
+    assert_eq!(list[0]["detail"], NOT_MANAGING);
+    assert_eq!(list[0]["tier"], Value::Null, "no cgroup watched");
+    assert!(list[0]["at_ns"].as_u64().is_some_and(|ns| ns > 0));
+    assert_eq!(list[1]["seq"], 2);
+    assert_eq!(list[1]["kind"], "upscale_applied");
+    assert_eq!(list[1]["input"], "upscale notification granted=4096 MiB");
+
+    let newest = decisions(d.addr, "?limit=1").await;
+    let newest = newest["decisions"].as_array().expect("decisions array");
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0]["seq"], 2, "limit keeps the newest");
+    let bad = get(d.addr, "/debug/decisions?limit=many", None)
+        .await
+        .expect("GET");
+    assert_eq!(bad.status, 400);
+
+    d.assert_serving().await.expect("still serving");
+}
+
+#[tokio::test]
+async fn openmetrics_on_request() {
+    let d = Daemon::start().await.expect("starting vm-monitor");
+    let r = get(
+        d.addr,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+    )
+    .await
+    .expect("GET /metrics");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert!(r.body.ends_with("# EOF\n"), "{}", r.body);
+    assert!(
+        r.body.contains("vm_monitor_agent_sessions_total 0"),
+        "{}",
+        r.body
+    );
+}
+
+fn free_port() -> u16 {
+    StdListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// `--metrics-addr` on a port of its own; retried because the port may be taken meanwhile.
+async fn daemon_with_metrics_addr(extra: &[&str]) -> (Daemon, SocketAddr) {
+    let mut last = None;
+    for _ in 0..3 {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let flag = addr.to_string();
+        let mut args = vec!["--metrics-addr", flag.as_str()];
+        args.extend_from_slice(extra);
+        match Daemon::start_with_args(&args).await {
+            Ok(d) => return (d, addr),
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("vm-monitor did not start: {last:?}");
+}
+
+#[tokio::test]
+async fn metrics_addr_and_json_logs() {
+    let (d, maddr) = daemon_with_metrics_addr(&["--log-format", "json"]).await;
+    assert_ne!(maddr, d.addr);
+    let s = scrape(maddr).await;
+    assert_eq!(value(&s, "vm_monitor_agent_connected", &[]), Some(0.0));
+    assert_eq!(decisions(maddr, "").await["total"], 0);
+    let health = get(maddr, "/healthz", None).await.expect("GET /healthz");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let ws = get(maddr, "/monitor", None).await.expect("GET /monitor");
+    assert_eq!(ws.status, 404, "the agent is served on --addr only");
+    // Still served on the agent's listener too.
+    scrape(d.addr).await;
+
+    let logs = d.logs();
+    let status = d.terminate().await.expect("terminates");
+    assert!(status.success(), "{status}");
+    let mut saw_metrics_listener = false;
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not one JSON object ({e}): {line}"));
+        let obj = v.as_object().expect("a JSON object per line");
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(obj.contains_key(key), "no top-level {key}: {line}");
+        }
+        assert!(!obj.contains_key("fields"), "fields are flattened: {line}");
+        if obj["message"] == "serving /metrics and /debug/decisions" {
+            assert_eq!(obj["addr"], maddr.to_string(), "{line}");
+            saw_metrics_listener = true;
+        }
+    }
+    assert!(saw_metrics_listener, "{logs}");
+}
+
+#[tokio::test]
+async fn metrics_addr_in_use_is_a_startup_error() {
+    let taken = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let err = match Daemon::start_with_args(&["--metrics-addr", &addr]).await {
+        Ok(_) => panic!("started although --metrics-addr {addr} is taken"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("--metrics-addr"), "{err}");
+}
