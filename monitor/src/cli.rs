@@ -23,8 +23,12 @@ pub struct Cli {
 pub enum Command {
     /// Report what this kernel and machine offer and which signal tier `auto` would pick.
     Doctor(DoctorArgs),
-    /// Stream live pressure events (for kernel developers) and print a summary on exit.
+    /// Stream live pressure events (for kernel developers) and print a summary on exit; or,
+    /// with `export`/`plot`, turn a recording into a Perfetto trace or an SVG timeline.
     Trace(TraceArgs),
+    /// Feed a daemon recording through the decision core and check that it decides exactly
+    /// what the daemon decided when recorded (exit status 1 and a diff if not).
+    Replay(ReplayArgs),
 }
 
 /// Log output format.
@@ -55,6 +59,11 @@ pub struct ServeArgs {
     /// Address to listen on for the autoscaler-agent (`IP:port` or `host:port`).
     #[arg(short = 'a', long, default_value = "0.0.0.0:10301")]
     pub addr: String,
+    /// Also serve `/metrics`, `/debug/decisions` and `/healthz` on this address (`IP:port` or
+    /// `host:port`), e.g. a loopback-only one for a local scraper. They are always served on
+    /// `--addr` too.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
     /// Name of the cgroup (v2) Postgres runs in, relative to /sys/fs/cgroup.
     #[arg(short = 'c', long)]
     pub cgroup: Option<String>,
@@ -127,9 +136,12 @@ pub struct DoctorArgs {
     pub cgroup: Option<String>,
 }
 
-/// Flags of `vm-monitor trace`.
+/// Flags of `vm-monitor trace`: live tracing unless a subcommand is given.
 #[derive(Debug, Args, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct TraceArgs {
+    #[command(subcommand)]
+    pub command: Option<TraceCommand>,
     /// Only memcg reclaim inside this cgroup subtree (relative to /sys/fs/cgroup); guest-wide
     /// kinds are always shown. Without it, memcg reclaim of every cgroup is shown.
     #[arg(short = 'c', long)]
@@ -146,4 +158,50 @@ pub struct TraceArgs {
     /// Write the events as JSON lines to this file as well.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Record the events (and, with --cgroup, the cgroup's memory read on each burst) into
+    /// this file, for `trace export` and `trace plot`.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+}
+
+/// What `vm-monitor trace` does with a recording.
+#[derive(Debug, Subcommand, Clone)]
+pub enum TraceCommand {
+    /// Convert a recording to Chrome/Perfetto trace-event JSON (open it in the Perfetto UI).
+    Export(ExportArgs),
+    /// Draw a recording as an SVG timeline.
+    Plot(PlotArgs),
+}
+
+/// Flags of `vm-monitor trace export`.
+#[derive(Debug, Args, Clone)]
+pub struct ExportArgs {
+    /// Recording file, or a `--record-dir` directory (its latest run).
+    pub file: PathBuf,
+    /// Write trace-event JSON here.
+    #[arg(long, value_name = "OUT.json")]
+    pub perfetto: PathBuf,
+}
+
+/// Flags of `vm-monitor trace plot`.
+#[derive(Debug, Args, Clone)]
+pub struct PlotArgs {
+    /// Recording file, or a `--record-dir` directory (its latest run).
+    pub file: PathBuf,
+    /// Write the SVG here.
+    #[arg(short = 'o', long, value_name = "OUT.svg")]
+    pub output: PathBuf,
+}
+
+/// Flags of `vm-monitor replay`.
+#[derive(Debug, Args, Clone)]
+pub struct ReplayArgs {
+    /// Daemon recording file, or a `--record-dir` directory (its latest run, from segment 0).
+    pub file: PathBuf,
+    /// Print replayed decisions as JSON lines (as the decision log has them).
+    #[arg(long)]
+    pub json: bool,
+    /// Print only the verdict.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }

@@ -29,6 +29,7 @@ fn main() -> std::process::ExitCode {
             None => monitor::daemon::run(cli.serve).await,
             Some(Command::Doctor(args)) => monitor::doctor::run(args).await,
             Some(Command::Trace(args)) => monitor::trace::run(args).await,
+            Some(Command::Replay(args)) => monitor::replay::run(args),
         }
     });
     match result {

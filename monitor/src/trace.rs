@@ -10,10 +10,13 @@ use monitor_ebpf::{KindCounters, RecordKind};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::cgroup::CgroupTarget;
-use crate::cli::TraceArgs;
+use crate::cgroup::{CgroupMemory, CgroupTarget};
+use crate::cli::{ExportArgs, PlotArgs, TraceArgs, TraceCommand};
 use crate::pressure::ebpf::{EbpfOptions, EbpfPipeline};
-use crate::pressure::{PressureEvent, PressureKind};
+use crate::pressure::{PressureEvent, PressureKind, Tier, boottime_ns};
+use crate::record::{
+    CgroupInfo, Header, KernelKindCounters, ReadingRecord, Record, Recorder, Recording,
+};
 
 /// One event as printed with `--json` and written to `--output`.
 #[derive(Debug, Serialize)]
@@ -89,8 +92,14 @@ pub struct Seen {
     pub events: u64,
 }
 
-/// Streams events until Ctrl-C/SIGTERM or `--duration`, then prints the summary.
+/// Streams events until Ctrl-C/SIGTERM or `--duration`, then prints the summary; or runs
+/// `trace export` / `trace plot` on a recording.
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
+    match &args.command {
+        Some(TraceCommand::Export(a)) => return export(a),
+        Some(TraceCommand::Plot(a)) => return plot(a),
+        None => {}
+    }
     if let Some(d) = args.duration
         && !(d.is_finite() && d > 0.0)
     {
@@ -101,9 +110,17 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         None => None,
     };
     let pipeline = EbpfPipeline::load(&EbpfOptions {
-        target,
+        target: target.clone(),
         coalesce: Duration::from_millis(args.coalesce_ms),
     })?;
+    let mut recording = match &args.record {
+        Some(path) => Some(LiveRecording::start(
+            path,
+            target.as_ref(),
+            args.coalesce_ms,
+        )?),
+        None => None,
+    };
     let (tx, mut rx) = mpsc::channel(4096);
     let running = pipeline.start(tx)?;
     let mut out_file = match &args.output {
@@ -158,10 +175,16 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                     serde_json::to_writer(&mut *f, &EventLine::from(&ev)).context("writing the output file")?;
                     writeln!(f).context("writing the output file")?;
                 }
+                if let Some(r) = recording.as_mut() {
+                    r.event(&ev);
+                }
                 // Flush when caught up, so a pipe reader sees events promptly without a flush
-                // per line during storms.
+                // per line during storms; the cgroup is read once per such burst.
                 if rx.is_empty() {
                     stdout.flush().context("flushing stdout")?;
+                    if let Some(r) = recording.as_mut() {
+                        r.burst_done();
+                    }
                 }
             }
         }
@@ -172,11 +195,18 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         let s = seen.entry(ev.kind_name()).or_default();
         s.records += 1;
         s.events += u64::from(ev.events);
+        if let Some(r) = recording.as_mut() {
+            r.event(&ev);
+        }
     }
     if let Some(mut f) = out_file {
         f.flush().context("flushing the output file")?;
     }
     let counters = running.counters().snapshot()?;
+    if let Some(mut r) = recording {
+        r.burst_done();
+        r.finish(&counters)?;
+    }
     let summary = render_summary(&seen, &counters);
     if args.json {
         let json = serde_json::json!({
@@ -217,4 +247,127 @@ pub fn render_summary(
         ));
     }
     s
+}
+
+/// `trace --record`: events plus the cgroup's memory read once per burst of events.
+struct LiveRecording {
+    path: std::path::PathBuf,
+    recorder: Recorder,
+    memory: Option<CgroupMemory>,
+    burst_pending: bool,
+}
+
+impl LiveRecording {
+    fn start(
+        path: &std::path::Path,
+        target: Option<&CgroupTarget>,
+        coalesce_ms: u64,
+    ) -> anyhow::Result<LiveRecording> {
+        let memory = match target {
+            Some(t) => match CgroupMemory::open(t) {
+                Ok(m) => Some(m),
+                Err(err) => {
+                    eprintln!("warning: recording without memory readings: {err:#}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let header = Header::new(
+            "trace",
+            Some(Tier::Ebpf),
+            target.map(CgroupInfo::from),
+            None,
+            Some(coalesce_ms),
+        );
+        let recorder = Recorder::create(path, header)?;
+        let mut rec = LiveRecording {
+            path: path.to_path_buf(),
+            recorder,
+            memory,
+            burst_pending: false,
+        };
+        // A reading at the start gives the plot its baseline.
+        rec.burst_pending = true;
+        rec.burst_done();
+        Ok(rec)
+    }
+
+    fn event(&mut self, ev: &PressureEvent) {
+        self.recorder.record_event(ev);
+        self.burst_pending = true;
+    }
+
+    /// Takes the burst's reading (like the engine: one `memory.stat` read per burst).
+    fn burst_done(&mut self) {
+        if !std::mem::take(&mut self.burst_pending) {
+            return;
+        }
+        let Some(mem) = &self.memory else { return };
+        self.recorder.record_reading(ReadingRecord {
+            ts_ns: boottime_ns(),
+            non_reclaimable: mem.stat().ok().map(|s| s.non_reclaimable()),
+            current: mem.current().ok(),
+            memory_high: mem.high().ok(),
+        });
+    }
+
+    fn finish(self, counters: &BTreeMap<RecordKind, KindCounters>) -> anyhow::Result<()> {
+        self.recorder.record(Record::KernelCounters {
+            at_ns: boottime_ns(),
+            kinds: counters
+                .iter()
+                .map(|(k, c)| KernelKindCounters {
+                    kind: *k as u32,
+                    seen: c.seen,
+                    emitted: c.emitted,
+                    coalesced: c.coalesced,
+                    dropped: c.dropped,
+                })
+                .collect(),
+        });
+        let stats = self.recorder.finish()?;
+        eprintln!(
+            "recorded {} records to {}{}",
+            stats.records,
+            self.path.display(),
+            if stats.dropped > 0 {
+                format!(" ({} dropped: the writer could not keep up)", stats.dropped)
+            } else {
+                String::new()
+            }
+        );
+        Ok(())
+    }
+}
+
+fn load_with_warnings(path: &std::path::Path) -> anyhow::Result<Recording> {
+    let rec = Recording::load(path)?;
+    for w in rec.warnings() {
+        eprintln!("warning: {}: {w}", path.display());
+    }
+    Ok(rec)
+}
+
+/// `trace export FILE --perfetto OUT.json`.
+fn export(args: &ExportArgs) -> anyhow::Result<()> {
+    let rec = load_with_warnings(&args.file)?;
+    let s = crate::export::write_perfetto(&rec, &args.perfetto)?;
+    eprintln!(
+        "wrote {}: {} reclaim slices, {} instants, {} counter samples (open it in the Perfetto \
+         UI or chrome://tracing)",
+        args.perfetto.display(),
+        s.slices,
+        s.instants,
+        s.counters
+    );
+    Ok(())
+}
+
+/// `trace plot FILE -o OUT.svg`.
+fn plot(args: &PlotArgs) -> anyhow::Result<()> {
+    let rec = load_with_warnings(&args.file)?;
+    crate::plot::write_svg(&rec, &args.output)?;
+    eprintln!("wrote {}", args.output.display());
+    Ok(())
 }

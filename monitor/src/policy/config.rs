@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::sizing::MIB;
 
 /// File-cache sizing knobs (reference §5.2, on-disk config).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FileCacheConfig {
     /// Largest share of memory the cache may take (0.75).
     pub resource_multiplier: f64,
@@ -27,7 +27,7 @@ impl Default for FileCacheConfig {
 }
 
 /// Everything the decision core needs to know up front.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     /// A cgroup is watched (`--cgroup`): readings, threshold and downscale checks apply.
     pub manage_cgroup: bool,
