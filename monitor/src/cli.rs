@@ -82,6 +82,16 @@ pub struct ServeArgs {
     /// can cross the upscale threshold without any memcg reclaim event.
     #[arg(long)]
     pub no_memory_high: bool,
+    /// Keep a size-bounded rolling recording of events and decisions in this directory (for
+    /// post-mortems: `vm-monitor replay DIR`, `vm-monitor trace export|plot DIR`).
+    #[arg(long)]
+    pub record_dir: Option<PathBuf>,
+    /// Size of one recording segment before rotation (MiB).
+    #[arg(long, default_value_t = 16)]
+    pub record_segment_mib: u64,
+    /// Total size kept in --record-dir; the oldest segments are deleted beyond it (MiB).
+    #[arg(long, default_value_t = 256)]
+    pub record_total_mib: u64,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }

@@ -153,7 +153,18 @@ pub fn policy_config(args: &ServeArgs) -> anyhow::Result<policy::Config> {
 /// Runs the daemon.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = policy_config(&args)?;
-    let policy = policy::Policy::new(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let policy = policy::Policy::new(cfg.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rolling = match &args.record_dir {
+        Some(dir) => Some(
+            crate::record::RollingRecorder::new(
+                dir,
+                args.record_segment_mib.saturating_mul(1 << 20),
+                args.record_total_mib.saturating_mul(1 << 20),
+            )
+            .context("--record-dir")?,
+        ),
+        None => None,
+    };
     // Fail on bad input before binding or touching anything.
     let target = match &args.cgroup {
         Some(name) => Some(CgroupTarget::resolve(name)?),
@@ -230,12 +241,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         };
         metrics.set_tier(tier);
         decision_log.set_tier(tier);
+        let recorder = match (&rolling, tier) {
+            (Some(rolling), Some(tier)) => {
+                let header = crate::record::Header::daemon(
+                    tier,
+                    target.as_ref(),
+                    &cfg,
+                    Some(args.coalesce_ms),
+                );
+                Some(
+                    rolling
+                        .start(header)
+                        .context("starting the --record-dir recording")?,
+                )
+            }
+            (Some(_), None) => {
+                warn!(
+                    "--record-dir needs --cgroup (there is no pressure signal to record); not recording"
+                );
+                None
+            }
+            (None, _) => None,
+        };
         let parts = EngineParts {
             policy,
             cgroup,
             file_cache,
             mem_total: engine::mem_total()?,
             metrics: Some(metrics.clone()),
+            recorder,
         };
         let handle = engine::spawn(parts, pressure, shutdown_rx.clone(), Some(decision_tx));
         info!(addr = %local, cgroup = ?args.cgroup, file_cache = args.pgconnstr.is_some(), "server bound");

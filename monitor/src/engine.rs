@@ -17,6 +17,7 @@ use crate::logging::warn_limited;
 use crate::metrics::Metrics;
 use crate::policy::{Action, Decision, Effect, Input, Policy, PressureSignal};
 use crate::pressure::{PressureEvent, PressureKind, boottime_ns};
+use crate::record::Recorder;
 
 /// Most pressure events folded into one on-demand reading.
 const MAX_BURST: usize = 256;
@@ -32,6 +33,8 @@ pub struct EngineParts {
     pub mem_total: u64,
     /// Where to count events, requests and the VM's sizes (`/metrics`).
     pub metrics: Option<Metrics>,
+    /// Records events and every policy step for post-mortems and `vm-monitor replay`.
+    pub recorder: Option<Recorder>,
 }
 
 /// Observers of the engine (decision log, metrics) get every decision here.
@@ -66,6 +69,7 @@ pub fn spawn(
         tick_at: None,
         decisions,
         metrics: parts.metrics,
+        recorder: parts.recorder,
     };
     let task = tokio::spawn(engine.run(parts.mem_total, pressure, calls_rx, shutdown));
     EngineHandle {
@@ -92,6 +96,7 @@ struct Engine {
     tick_at: Option<u64>,
     decisions: Option<DecisionSink>,
     metrics: Option<Metrics>,
+    recorder: Option<Recorder>,
 }
 
 fn now() -> Duration {
@@ -178,6 +183,13 @@ impl Engine {
                 crate::policy::SHUTTING_DOWN.to_string(),
             ));
         }
+        if let Some(r) = self.recorder.take() {
+            match tokio::task::spawn_blocking(move || r.finish()).await {
+                Ok(Ok(stats)) => info!(?stats, "recording closed"),
+                Ok(Err(err)) => warn!(error = %format!("{err:#}"), "closing the recording failed"),
+                Err(err) => warn!(error = %err, "closing the recording failed"),
+            }
+        }
         if self.policy.is_shut_down() || self.cgroup.is_none() {
             info!("engine stopped; memory.high restored to max");
             Ok(())
@@ -226,6 +238,9 @@ impl Engine {
         for ev in burst.drain(..) {
             if let Some(m) = &self.metrics {
                 m.pressure_event(&ev);
+            }
+            if let Some(r) = &self.recorder {
+                r.record_event(&ev);
             }
             let (signal, carried) = PressureSignal::from_event(&ev);
             let input = Input::Pressure {
@@ -285,6 +300,18 @@ impl Engine {
         }
     }
 
+    /// One policy step, recorded (input and actions) so `vm-monitor replay` can reproduce it.
+    fn step(&mut self, input: Input) -> Vec<Action> {
+        match &self.recorder {
+            Some(r) => {
+                let actions = self.policy.handle(input.clone());
+                r.record_step(&input, &actions);
+                actions
+            }
+            None => self.policy.handle(input),
+        }
+    }
+
     /// Feeds one input and applies the resulting actions, feeding back their results until the
     /// policy has nothing more to do.
     async fn feed(&mut self, input: Input) {
@@ -296,7 +323,7 @@ impl Engine {
         if let Some(m) = &self.metrics {
             m.input(&input);
         }
-        let mut queue: VecDeque<Action> = self.policy.handle(input).into();
+        let mut queue: VecDeque<Action> = self.step(input).into();
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::SendUpscaleRequest { reason } => {
@@ -308,7 +335,7 @@ impl Engine {
                 }
                 Action::SetFileCache { bytes } => {
                     let result = self.apply_file_cache(bytes).await;
-                    queue.extend(self.policy.handle(Input::Applied {
+                    queue.extend(self.step(Input::Applied {
                         at: now(),
                         effect: Effect::FileCache { bytes },
                         result,
@@ -324,7 +351,7 @@ impl Engine {
                         // Stepping retries every few ms under pressure; keep the log readable.
                         Err(e) => warn_limited!(%value, error = %e, "writing memory.high failed"),
                     }
-                    queue.extend(self.policy.handle(Input::Applied {
+                    queue.extend(self.step(Input::Applied {
                         at: now(),
                         effect: Effect::MemoryHigh { value },
                         result,

@@ -78,6 +78,7 @@ async fn engine_feeds_metrics_and_the_decision_log() {
             file_cache: None,
             mem_total: 4 * GIB,
             metrics: Some(metrics.clone()),
+            recorder: None,
         },
         Some(pressure_rx),
         stop_rx,
