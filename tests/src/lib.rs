@@ -1,9 +1,11 @@
 //! Test support for vm-monitor: a faithful fake autoscaler-agent ([`agent`]), a bare websocket
-//! client for malformed traffic ([`raw`]) and a runner for the real daemon binary ([`daemon`]).
+//! client for malformed traffic ([`raw`]), a runner for the real daemon binary ([`daemon`]) and
+//! the guest-side harness of the VM scaling scenarios and the demo ([`scenario`]).
 
 pub mod agent;
 pub mod daemon;
 pub mod raw;
+pub mod scenario;
 
 pub use agent::{AgentConfig, Alloc, ConnEnd, DownscaleReport, FakeAgent, Timings, Transcript};
 pub use daemon::Daemon;

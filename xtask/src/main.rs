@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's single entry point for setup, the eBPF build, VM runs and tests.
 
 mod cmd;
+mod demo;
 mod ebpf;
 mod lint;
 mod setup;
@@ -35,6 +36,9 @@ enum Command {
     Test(test::TestArgs),
     /// rustfmt check and clippy (host crates and the eBPF crate).
     Lint,
+    /// Show vm-monitor at work in a VM: Postgres, the daemon, the fake agent and a
+    /// memory-hungry SQL workload, as a timeline; recordings go to target/demo/.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,5 +74,6 @@ fn run() -> Result<ExitCode> {
             lint::run(&mut setup)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo(args) => demo::run(&mut setup, &args),
     }
 }

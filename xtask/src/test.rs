@@ -77,11 +77,17 @@ enum Outcome {
     NotRun,
 }
 
+/// VM test targets of the `tests` package, run in this order in one boot per kernel: the
+/// eBPF pipeline scenarios, then the end-to-end scaling scenarios (Postgres, daemon, agent).
+const VM_TEST_TARGETS: &[&str] = &["vm", "vm_scaling"];
+
 /// State carried between stages.
 struct Run<'a> {
     setup: &'a mut Setup,
-    /// The VM test executable, once built; None when the VM tests do not exist yet.
-    vm_exe: Option<PathBuf>,
+    /// The VM test executables, once built; empty when the VM tests do not exist yet.
+    vm_exes: Vec<PathBuf>,
+    /// The test-only Postgres extension, built on the host for the scaling scenarios.
+    pg_ext: Option<PathBuf>,
 }
 
 pub fn run(setup: &mut Setup, args: &TestArgs) -> Result<ExitCode> {
@@ -97,7 +103,8 @@ pub fn run(setup: &mut Setup, args: &TestArgs) -> Result<ExitCode> {
 
     let mut run = Run {
         setup,
-        vm_exe: None,
+        vm_exes: Vec::new(),
+        pg_ext: None,
     };
     let mut results: Vec<(Stage, Outcome, Duration)> = Vec::new();
     let mut failed = false;
@@ -224,24 +231,24 @@ impl Run<'_> {
     }
 
     fn vm_build(&mut self) -> Result<Outcome> {
-        let file = self.setup.paths.root.join("tests/tests/vm.rs");
-        if !file.is_file() {
-            return Ok(Outcome::Skipped(format!(
-                "{} does not exist yet",
-                file.display()
-            )));
+        let root = &self.setup.paths.root;
+        let targets: Vec<&str> = VM_TEST_TARGETS
+            .iter()
+            .copied()
+            .filter(|t| root.join(format!("tests/tests/{t}.rs")).is_file())
+            .collect();
+        if targets.is_empty() {
+            return Ok(Outcome::Skipped(
+                "tests/tests/vm.rs does not exist yet".to_string(),
+            ));
         }
         let mut build = self.cargo();
+        build.args(["test", "-p", "tests"]);
+        for t in &targets {
+            build.args(["--test", t]);
+        }
         build
-            .args([
-                "test",
-                "-p",
-                "tests",
-                "--test",
-                "vm",
-                "--no-run",
-                "--message-format=json",
-            ])
+            .args(["--no-run", "--message-format=json"])
             .stdin(Stdio::null())
             .stderr(Stdio::inherit());
         println!("    $ {}", cmd::display(&build));
@@ -251,32 +258,48 @@ impl Run<'_> {
         if !out.status.success() {
             bail!("building the VM tests failed ({})", out.status);
         }
-        let exe = test_executable(&String::from_utf8_lossy(&out.stdout), "vm")
-            .context("cargo built the VM tests but reported no test executable")?;
-        cmd::info(format!("VM test executable: {}", exe.display()));
-        self.vm_exe = Some(exe);
+        let json = String::from_utf8_lossy(&out.stdout);
+        self.vm_exes = targets
+            .iter()
+            .map(|t| {
+                test_executable(&json, t).with_context(|| {
+                    format!("cargo built the VM tests but reported no `{t}` executable")
+                })
+            })
+            .collect::<Result<_>>()?;
+        for exe in &self.vm_exes {
+            cmd::info(format!("VM test executable: {}", exe.display()));
+        }
+        if targets.contains(&"vm_scaling") {
+            // Built on the host: the guest sees it read-only, and compiling under TCG is slow.
+            self.pg_ext = Some(pg_extension(self.setup)?);
+        }
         Ok(Outcome::Passed)
     }
 
     fn vm(&mut self, kernel: KernelLine) -> Result<Outcome> {
-        let Some(exe) = self.vm_exe.clone() else {
+        if self.vm_exes.is_empty() {
             return Ok(Outcome::Skipped(
                 "no VM tests (tests/tests/vm.rs does not exist yet)".into(),
             ));
-        };
-        let mut run = VmRun::new(
-            kernel,
-            vec![
-                exe.display().to_string(),
-                "--ignored".into(),
-                "--test-threads=1".into(),
-                "--nocapture".into(),
-            ],
-        );
+        }
+        // One boot per kernel for all targets; a failing target does not hide the next one.
+        let mut command = vec![
+            "/bin/sh".to_string(),
+            "-c".to_string(),
+            r#"rc=0; for exe in "$@"; do "$exe" --ignored --test-threads=1 --nocapture || rc=1; done; exit $rc"#
+                .to_string(),
+            "vm-tests".to_string(),
+        ];
+        command.extend(self.vm_exes.iter().map(|e| e.display().to_string()));
+        let mut run = VmRun::new(kernel, command);
         run.env.push((
             "VM_MONITOR_BIN".into(),
             self.monitor_bin().display().to_string(),
         ));
+        if let Some(ext) = &self.pg_ext {
+            run.env.push((PG_EXT_ENV.into(), ext.display().to_string()));
+        }
         run.timeout = Some(VM_TIMEOUT);
         // Where `cargo test` would run them: the package directory.
         run.cwd = Some(self.setup.paths.root.join("tests"));
@@ -284,6 +307,28 @@ impl Run<'_> {
         ensure!(code == 0, "the VM tests exited with {code}");
         Ok(Outcome::Passed)
     }
+}
+
+/// Environment variable the scaling scenarios read the extension's path from.
+pub const PG_EXT_ENV: &str = "VM_MONITOR_PG_EXT";
+
+/// Builds the test-only Postgres extension (`tests/pg_ext`) into `target/pg_ext` and returns
+/// the `.so` path, which Postgres loads by absolute path.
+pub fn pg_extension(setup: &mut Setup) -> Result<PathBuf> {
+    setup.apt_packages(crate::setup::APT_POSTGRES)?;
+    let script = setup.paths.root.join("tests/pg_ext/build.sh");
+    let out_dir = setup.paths.target.join("pg_ext");
+    step("building the test-only Postgres extension");
+    let out = cmd::output(Command::new("bash").arg(&script).arg(&out_dir))?;
+    let so = PathBuf::from(out.trim());
+    ensure!(
+        so.is_file(),
+        "{} reported {}, which does not exist",
+        script.display(),
+        so.display()
+    );
+    cmd::info(format!("extension: {}", so.display()));
+    Ok(so)
 }
 
 /// The executable of test target `name` in cargo's `--message-format=json` output.

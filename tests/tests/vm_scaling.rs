@@ -1,0 +1,501 @@
+//! End-to-end scaling scenarios (issue 4): a real kernel (Debian 6.1 / 6.12 under qemu), real
+//! cgroup v2, a real PostgreSQL 15 with the test extension running inside `neon-postgres`, the
+//! real `vm-monitor` binary and the fake autoscaler-agent. Run inside the guest by
+//! `cargo xtask test` (which sets `VM_MONITOR_IN_VM=1` and `VM_MONITOR_PG_EXT`); outside a VM
+//! every test returns immediately. Run them with `--test-threads=1`: they share the cgroup.
+//!
+//! The guest has ~1.9 GiB; the fake agent first announces a 1 GiB VM (usable 924 MiB,
+//! threshold 785.4 MiB, file cache 607 MiB) so the workloads stay in the hundreds of MiB.
+//! Expected sizes come from the issue's formulas ([`Sizes`]), not from the daemon's code.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::agent::{Dir, FakeAgent, RequestError};
+use tests::scenario::{
+    CGROUP, Cgroup, CrossingWatch, Ext4Scratch, GIB, MIB, MemHog, Monitor, MonitorOptions,
+    Postgres, Psi, Sizes, agent_config, boottime_ns, connect_agent, cu, in_vm, mib,
+};
+
+/// The agent's response timeout: every request must be answered within it.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn memhog() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_memhog"))
+}
+
+/// Cgroup, Postgres inside it, the daemon managing both. Fields drop in order: daemon first,
+/// then Postgres, then the cgroup (limits lifted).
+struct Env {
+    monitor: Monitor,
+    pg: Postgres,
+    cg: Cgroup,
+}
+
+fn env(name: &str, signal: &str) -> Env {
+    let cg = Cgroup::create(CGROUP).unwrap();
+    let pg = Postgres::start(&cg, name).unwrap();
+    let monitor = Monitor::start(&cg, &MonitorOptions::new(signal, Some(pg.connstr()))).unwrap();
+    Env { monitor, pg, cg }
+}
+
+impl Env {
+    /// Checks that Postgres and the cgroup show what the daemon should have applied for `s`.
+    fn assert_applied(&self, s: &Sizes, when: &str) {
+        let fc = self.pg.file_cache_bytes().unwrap();
+        let shown = self.pg.show_file_cache().unwrap();
+        let high = self.cg.high().unwrap();
+        println!(
+            "[{when}] file cache {} (SHOW: {shown}), memory.high {}; expected {} / {} (threshold {})",
+            mib(fc),
+            high.map_or("max".to_string(), mib),
+            mib(s.file_cache),
+            mib(s.memory_high),
+            mib(s.threshold)
+        );
+        assert_eq!(
+            fc, s.file_cache,
+            "file cache size {when} (SHOW says {shown})"
+        );
+        assert_eq!(high, Some(s.memory_high), "memory.high {when}");
+    }
+
+    fn decisions_of(&self, from: usize, kind: &str) -> Vec<Value> {
+        self.monitor
+            .decisions(from)
+            .into_iter()
+            .map(|(_, d)| d)
+            .filter(|d| d["kind"] == kind)
+            .collect()
+    }
+}
+
+/// Share of wall time with every task of the cgroup stalled on memory, between two readings.
+fn full_stall_share(before: &Psi, after: &Psi, wall: Duration) -> f64 {
+    (after.full.total_us - before.full.total_us) as f64 / wall.as_micros().max(1) as f64
+}
+
+struct Ramp {
+    /// Crossing (seen by the independent memory.stat watcher) to the UpscaleRequest frame.
+    reaction_ms: f64,
+    reading_at_crossing: u64,
+    full_stall: f64,
+}
+
+/// Scenario 1 on one signal tier: ramp anonymous memory past the threshold and time the
+/// `UpscaleRequest`. Then grant 2 CU, as the agent would, and free the memory.
+async fn anon_ramp(env: &Env, signal: &str) -> Ramp {
+    let sizes = Sizes::for_allocation(GIB);
+    let agent = connect_agent(agent_config(env.monitor.url()))
+        .await
+        .unwrap();
+    env.assert_applied(&sizes, &format!("{signal}: after announcing 1 GiB"));
+
+    let base = env.cg.non_reclaimable().unwrap();
+    let mut hog = MemHog::start(&env.cg, memhog()).unwrap();
+    // Past the threshold by enough to be unambiguous, well inside usable memory.
+    let target = (sizes.threshold.saturating_sub(base) + 64 * MIB) / MIB;
+    let mark = env.monitor.mark();
+    let psi_before = env.cg.pressure().unwrap();
+    let started = Instant::now();
+    let watch = CrossingWatch::start(&env.cg, sizes.threshold, Duration::from_millis(1));
+    hog.grow(target, 4, Duration::from_millis(20)).unwrap();
+    agent
+        .wait_for_upscale_request(Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("{signal}: {e:#}"));
+    let received = Instant::now();
+    let received_boot = boottime_ns();
+    // If the daemon was faster than the watcher's poll, the crossing shows up right after.
+    let (crossed, reading) = watch
+        .crossing(Duration::from_secs(5))
+        .expect("the watcher never saw the threshold crossed");
+    let reaction_ms = if received >= crossed {
+        (received - crossed).as_secs_f64() * 1e3
+    } else {
+        -((crossed - received).as_secs_f64() * 1e3)
+    };
+    let requested = env.decisions_of(mark, "upscale_requested");
+    let first = requested.first().expect("no upscale_requested decision");
+    // The decision is stamped with the kernel event (or poll sample) that triggered it.
+    let at = &first["at"];
+    let decided_ns = at["secs"].as_u64().unwrap() * 1_000_000_000 + at["nanos"].as_u64().unwrap();
+    println!(
+        "[{signal}] UpscaleRequest {reaction_ms:.1} ms after the crossing (watcher reading {}, threshold {}, ramp started {:.1} s before); triggering event → frame {:.1} ms; decision: {} / reading {}",
+        mib(reading),
+        mib(sizes.threshold),
+        (crossed - started).as_secs_f64(),
+        (received_boot as f64 - decided_ns as f64) / 1e6,
+        first["input"],
+        first["reading"]
+    );
+    assert!(
+        first["reading"].as_u64().unwrap() >= sizes.threshold,
+        "requested below the threshold: {first}"
+    );
+
+    // The agent grants one more CU; the ramp can finish unthrottled.
+    agent
+        .upscale_to(cu(2), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let held = hog.wait_held(Duration::from_secs(120)).unwrap();
+    let wall = started.elapsed();
+    let psi_after = env.cg.pressure().unwrap();
+    let full_stall = full_stall_share(&psi_before, &psi_after, wall);
+    println!(
+        "[{signal}] ramp to {held} MiB took {:.1} s; memory.pressure full avg10 {:.2}, full stall {:.1} % of the ramp; memory.events high {}",
+        wall.as_secs_f64(),
+        psi_after.full.avg10,
+        full_stall * 100.0,
+        env.cg.event("high").unwrap()
+    );
+    hog.free().unwrap();
+    drop(agent);
+    Ramp {
+        reaction_ms,
+        reading_at_crossing: reading,
+        full_stall,
+    }
+}
+
+/// Scenario 1: an anonymous-memory ramp inside the cgroup gets an `UpscaleRequest`, on the
+/// eBPF tier and — for comparison, same VM run — on the `poll` tier (Neon's 100 ms polling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs inside a test VM"]
+async fn s1_anon_ramp_sends_upscale_request() {
+    if !in_vm() {
+        return;
+    }
+    let mut env = env("s1", "ebpf");
+    let ebpf = anon_ramp(&env, "ebpf").await;
+    assert!(env.monitor.terminate().unwrap().success());
+    env.monitor = Monitor::start(
+        &env.cg,
+        &MonitorOptions::new("poll", Some(env.pg.connstr())),
+    )
+    .unwrap();
+    let poll = anon_ramp(&env, "poll").await;
+    println!(
+        "reaction ms: ebpf={:.1} poll={:.1} (threshold crossing to UpscaleRequest, kernel {}, same VM run; readings at crossing {} / {}; full stall during the ramp {:.1} % / {:.1} %)",
+        ebpf.reaction_ms,
+        poll.reaction_ms,
+        std::env::var("VM_MONITOR_KERNEL").unwrap_or_default(),
+        mib(ebpf.reading_at_crossing),
+        mib(poll.reading_at_crossing),
+        ebpf.full_stall * 100.0,
+        poll.full_stall * 100.0
+    );
+}
+
+/// Scenario 2: `UpscaleNotification`s move the file cache (checked through SQL) and
+/// memory.high (checked in the cgroup) to the sizes the issue's formulas give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs inside a test VM"]
+async fn s2_upscale_notification_resizes_file_cache_and_memory_high() {
+    if !in_vm() {
+        return;
+    }
+    let env = env("s2", "ebpf");
+    // Before any agent: sized from MemTotal.
+    env.assert_applied(&Sizes::at_startup().unwrap(), "at startup (MemTotal)");
+
+    let agent = connect_agent(agent_config(env.monitor.url()))
+        .await
+        .unwrap();
+    let one = Sizes::for_allocation(GIB);
+    assert_eq!(one.file_cache, 607 * MIB);
+    env.assert_applied(&one, "after UpscaleNotification 1 GiB");
+
+    let mark = env.monitor.mark();
+    agent
+        .upscale_to(cu(2), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let two = Sizes::for_allocation(2 * GIB);
+    // 75 % of 1948 MiB is 1461 MiB: capped by neon.max_file_cache_size.
+    assert_eq!(two.file_cache, GIB);
+    env.assert_applied(&two, "after UpscaleNotification 2 GiB");
+    assert_eq!(env.pg.show_file_cache().unwrap(), "1GB");
+    let applied = env.decisions_of(mark, "upscale_applied");
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert_eq!(applied[0]["threshold"], two.threshold);
+    assert_eq!(applied[0]["usable"], two.usable);
+    let confirmations = agent
+        .transcript()
+        .0
+        .iter()
+        .filter(|e| e.dir == Dir::Received)
+        .filter_map(|e| e.text())
+        .filter(|t| t.contains("UpscaleConfirmation"))
+        .count();
+    assert_eq!(confirmations, 2);
+}
+
+/// Scenario 3: a downscale is denied while memory is held (status in the reference's words,
+/// with the numbers) and approved once the load stopped; the sizes shrink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs inside a test VM"]
+async fn s3_downscale_denied_while_memory_is_held_then_approved() {
+    if !in_vm() {
+        return;
+    }
+    let env = env("s3", "ebpf");
+    let mut cfg = agent_config(env.monitor.url());
+    cfg.vm = cu(2);
+    let agent = connect_agent(cfg).await.unwrap();
+    let two = Sizes::for_allocation(2 * GIB);
+    let one = Sizes::for_allocation(GIB);
+    env.assert_applied(&two, "at 2 GiB");
+
+    let mut hog = MemHog::start(&env.cg, memhog()).unwrap();
+    hog.grow(700, 16, Duration::from_millis(5)).unwrap();
+    hog.wait_held(Duration::from_secs(120)).unwrap();
+    let held = env.cg.non_reclaimable().unwrap();
+
+    // Denied: 785.4 MiB (new threshold) < ~750 MiB usage + 100 MiB buffer.
+    let denied = agent
+        .downscale_to(cu(1), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let denied_at = Instant::now();
+    println!("while holding {}: {denied:?}", mib(held));
+    assert_eq!((denied.approved, denied.denied), (0, 1), "{denied:?}");
+    let status = &denied.statuses[0];
+    let rest = status
+        .strip_prefix("calculated memory threshold too low: 785.4 MiB (new threshold) < ")
+        .unwrap_or_else(|| panic!("unexpected denial status {status:?}"));
+    let (usage, buffer) = rest
+        .split_once(" (current usage) + ")
+        .unwrap_or_else(|| panic!("unexpected denial status {status:?}"));
+    assert_eq!(buffer, "100 (downscale buffer)", "{status}");
+    let usage: f64 = usage.parse().unwrap();
+    let held_mib = held as f64 / MIB as f64;
+    assert!(
+        (usage - held_mib).abs() < 64.0,
+        "status usage {usage} MiB vs {held_mib:.1} MiB in memory.stat"
+    );
+    env.assert_applied(&two, "after the denial (unchanged)");
+
+    // The load stops. The daemon remembers the peak for 5 s; the agent retries after its 5 s
+    // denial cooldown anyway.
+    hog.free().unwrap();
+    tokio::time::sleep_until((denied_at + Duration::from_secs(6)).into()).await;
+    let approved = agent
+        .downscale_to(cu(1), Duration::from_secs(30))
+        .await
+        .unwrap();
+    println!("after freeing: {approved:?}");
+    assert!(approved.reached && approved.approved == 1, "{approved:?}");
+    let status = approved.statuses.last().unwrap();
+    assert!(
+        status.contains("set file cache size to 607 MiB")
+            && status.contains("set cgroup memory threshold from 1655.8 MiB to 785.4 MiB"),
+        "{status}"
+    );
+    env.assert_applied(&one, "after the approved downscale");
+}
+
+/// Scenario 4: reading a large file (page cache only) makes the kernel reclaim inside the
+/// cgroup, yet no `UpscaleRequest` follows and memory.pressure "full" stays low.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs inside a test VM"]
+async fn s4_page_cache_workload_does_not_request_upscale() {
+    if !in_vm() {
+        return;
+    }
+    let env = env("s4", "ebpf");
+    let agent = connect_agent(agent_config(env.monitor.url()))
+        .await
+        .unwrap();
+    let sizes = Sizes::for_allocation(GIB);
+    env.assert_applied(&sizes, "after announcing 1 GiB");
+
+    let scratch = Ext4Scratch::mount(64).unwrap();
+    // Twice memory.high: the cgroup must reclaim its own page cache to get through it.
+    let file = scratch.sparse_file("big", 2 * sizes.memory_high).unwrap();
+    let mark = env.monitor.mark();
+    let high_before = env.cg.event("high").unwrap();
+    let psi_before = env.cg.pressure().unwrap();
+    let took = scratch.read_in(&env.cg, &file).unwrap();
+    let psi_after = env.cg.pressure().unwrap();
+    let stat = env.cg.stat().unwrap();
+    let high_events = env.cg.event("high").unwrap() - high_before;
+    let full_stall = full_stall_share(&psi_before, &psi_after, took);
+    println!(
+        "read {} in {:.1} s: memory.events high +{high_events}, file {} / anon {} afterwards; memory.pressure full avg10 {:.2} (some {:.2}), full stall {:.2} % of the read",
+        mib(2 * sizes.memory_high),
+        took.as_secs_f64(),
+        mib(stat["file"]),
+        mib(env.cg.non_reclaimable().unwrap()),
+        psi_after.full.avg10,
+        psi_after.some.avg10,
+        full_stall * 100.0
+    );
+    assert!(
+        high_events > 0,
+        "the read never reached memory.high, so nothing was tested"
+    );
+    assert!(
+        agent
+            .wait_for_upscale_request(Duration::from_secs(3))
+            .await
+            .is_err(),
+        "a page-cache-only workload got an UpscaleRequest"
+    );
+    let requested = env.decisions_of(mark, "upscale_requested");
+    assert!(requested.is_empty(), "{requested:?}");
+    // Clean page cache is cheap to reclaim (6–15 % measured under TCG, the reader being the
+    // only task, so its reclaim counts as "full"); anonymous memory throttled at memory.high
+    // stalls most of the time (vm.rs saw some avg10 = 94 %).
+    assert!(
+        full_stall < 0.4 && psi_after.full.avg10 < 40.0,
+        "memory.pressure full too high for page cache: {full_stall:.3} of the time, avg10 {}",
+        psi_after.full.avg10
+    );
+}
+
+/// Scenario 5: SIGTERM puts memory.high back to `max`; a restarted daemon first writes `max`
+/// over whatever it finds, then its threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs inside a test VM"]
+async fn s5_sigterm_restores_memory_high_and_restart_resets_it() {
+    if !in_vm() {
+        return;
+    }
+    let mut env = env("s5", "ebpf");
+    let agent = connect_agent(agent_config(env.monitor.url()))
+        .await
+        .unwrap();
+    env.assert_applied(&Sizes::for_allocation(GIB), "after announcing 1 GiB");
+
+    let status = env.monitor.terminate().unwrap();
+    assert!(
+        status.success(),
+        "vm-monitor exited with {status} on SIGTERM"
+    );
+    assert_eq!(
+        env.cg.high().unwrap(),
+        None,
+        "memory.high not restored to max"
+    );
+    drop(agent);
+
+    // Something else leaves a limit behind; the next daemon must not trust it.
+    env.cg
+        .write("memory.high", &(300 * MIB).to_string())
+        .unwrap();
+    env.monitor = Monitor::start(
+        &env.cg,
+        &MonitorOptions::new("ebpf", Some(env.pg.connstr())),
+    )
+    .unwrap();
+    let startup = Sizes::at_startup().unwrap();
+    let writes: Vec<String> = env
+        .monitor
+        .lines()
+        .iter()
+        .filter_map(|l| {
+            let v = l.text.split("memory.high written value=").nth(1)?;
+            Some(v.split_whitespace().next()?.to_string())
+        })
+        .collect();
+    println!("memory.high writes at startup: {writes:?}");
+    assert_eq!(
+        writes.first().map(String::as_str),
+        Some("max"),
+        "the first write at startup must be max: {writes:?}"
+    );
+    assert_eq!(
+        writes.get(1),
+        Some(&startup.threshold.to_string()),
+        "then the threshold: {writes:?}"
+    );
+    assert_eq!(env.cg.high().unwrap(), Some(startup.memory_high));
+}
+
+/// Scenario 6: Postgres goes away mid-session. The next scaling request answers
+/// `InternalError` within the agent's timeout, health checks keep being answered, nothing is
+/// half-applied, and the file cache is resized once Postgres is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs inside a test VM"]
+async fn s6_postgres_stopped_mid_session() {
+    if !in_vm() {
+        return;
+    }
+    let mut env = env("s6", "ebpf");
+    let agent = connect_agent(agent_config(env.monitor.url()))
+        .await
+        .unwrap();
+    let one = Sizes::for_allocation(GIB);
+    env.assert_applied(&one, "after announcing 1 GiB");
+
+    env.pg.stop_server().unwrap();
+    let stop = tokio::sync::watch::channel(false);
+    let (health, upscale) = tokio::join!(health_checks(&agent, stop.1), async {
+        let sent = Instant::now();
+        let r = agent
+            .request_raw(
+                "UpscaleNotification",
+                &format!(r#"{{"granted":{}}}"#, cu(2).to_json()),
+            )
+            .await;
+        let took = sent.elapsed();
+        // Keep checking health a little longer with Postgres still down.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.0.send_replace(true);
+        (r, took)
+    });
+    let (reply, took) = upscale;
+    println!(
+        "UpscaleNotification with Postgres down: {reply:?} after {:.0} ms; health checks meanwhile: {health:?}",
+        took.as_secs_f64() * 1e3
+    );
+    match reply {
+        Err(RequestError::MonitorInternalError(e)) => assert!(!e.is_empty()),
+        other => panic!("expected InternalError, got {other:?}"),
+    }
+    assert!(took < AGENT_TIMEOUT, "InternalError took {took:?}");
+    assert!(
+        health.len() >= 4 && health.iter().all(|h| h.is_some()),
+        "health checks not all answered: {health:?}"
+    );
+    // All or nothing: the failed upscale left memory.high where it was.
+    assert_eq!(env.cg.high().unwrap(), Some(one.memory_high));
+
+    // Postgres comes back with a stale setting; the daemon re-asserts its size by itself.
+    let mark = env.monitor.mark();
+    env.pg
+        .write_auto_conf(&[("neon.file_cache_size_limit", "1MB")])
+        .unwrap();
+    env.pg.start_server().unwrap();
+    env.monitor
+        .wait_for_decision(mark, "file_cache_resync", Duration::from_secs(30))
+        .unwrap();
+    env.assert_applied(&one, "after Postgres came back");
+
+    // The agent's retry of the upscale now succeeds.
+    agent
+        .upscale_to(cu(2), Duration::from_secs(15))
+        .await
+        .unwrap();
+    env.assert_applied(&Sizes::for_allocation(2 * GIB), "after the retried upscale");
+    env.monitor.assert_running().unwrap();
+}
+
+/// Health checks every 500 ms until `stop`; each entry is the reply time, `None` on failure.
+async fn health_checks(
+    agent: &FakeAgent,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<Option<Duration>> {
+    let mut out = Vec::new();
+    while !*stop.borrow() {
+        let sent = Instant::now();
+        out.push(agent.health_check().await.ok().map(|_| sent.elapsed()));
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    out
+}

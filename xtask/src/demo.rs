@@ -1,0 +1,115 @@
+//! `cargo xtask demo`: vm-monitor at work in a VM. Boots the 6.12 kernel (Neon's VM kernel
+//! line) and runs the `demo` driver of the tests crate there: PostgreSQL 15 inside
+//! `neon-postgres`, `vm-monitor` on the eBPF tier, the fake autoscaler-agent and a
+//! memory-hungry SQL session; the driver prints a timeline (pressure events, UpscaleRequest,
+//! the agent's grant, file cache and memory.high changes, the downscale after the load, the
+//! reaction time). The recordings are copied to `target/demo/`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use clap::Args;
+
+use crate::cmd::{self, info, step};
+use crate::setup::{KernelLine, Setup};
+use crate::test::{PG_EXT_ENV, pg_extension};
+use crate::vm::{self, VmRun};
+
+/// The whole demo takes about two minutes under TCG; more means the guest hung.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Kernel line to boot.
+    #[arg(long, value_enum, default_value = "6.12")]
+    kernel: KernelLine,
+}
+
+pub fn run(setup: &mut Setup, args: &DemoArgs) -> Result<ExitCode> {
+    setup.all()?;
+    let root = setup.paths.root.clone();
+    let target = setup.paths.target.clone();
+    step("building vm-monitor and the demo driver");
+    cmd::run(
+        cmd::cargo()
+            .current_dir(&root)
+            .args(["build", "-p", "monitor"]),
+    )?;
+    cmd::run(
+        cmd::cargo()
+            .current_dir(&root)
+            .args(["build", "-p", "tests", "--bin", "demo"]),
+    )?;
+    let monitor_bin = target.join("debug/vm-monitor");
+    let driver = target.join("debug/demo");
+    for bin in [&monitor_bin, &driver] {
+        ensure!(bin.is_file(), "{} was not built", bin.display());
+    }
+    let ext = pg_extension(setup)?;
+
+    let mut run = VmRun::new(args.kernel, vec![driver.display().to_string()]);
+    run.env
+        .push(("VM_MONITOR_BIN".into(), monitor_bin.display().to_string()));
+    run.env.push((PG_EXT_ENV.into(), ext.display().to_string()));
+    run.timeout = Some(DEMO_TIMEOUT);
+    run.cwd = Some(root.join("tests"));
+    let code = vm::run(setup, &run)?;
+
+    // The guest wrote into this run's shared directory, named after the kernel and our pid.
+    let shared = run_dir(&target.join("vm-out"), args.kernel)
+        .context("cannot find this run's shared directory under target/vm-out")?;
+    let dest = target.join("demo");
+    let copied = copy_recordings(&shared.join("demo"), &dest)?;
+    if copied > 0 {
+        step(format!(
+            "demo recordings copied to {} ({copied} files: timeline.txt, pressure-events.jsonl, decisions.jsonl, vm-monitor.log, agent-transcript.txt)",
+            dest.display()
+        ));
+    }
+    ensure!(code == 0, "the demo driver exited with {code}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The newest `target/vm-out/<kernel>-<stamp>-<our pid>` directory: `vm::run` names each run's
+/// directory after the kernel and the xtask process.
+fn run_dir(base: &Path, kernel: KernelLine) -> Option<PathBuf> {
+    let prefix = format!("{}-", kernel.as_str());
+    let suffix = format!("-{}", std::process::id());
+    fs::read_dir(base)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix) && name.ends_with(&suffix)
+        })
+        .max_by_key(|e| e.file_name())
+        .map(|e| e.path())
+}
+
+/// Replaces `dest` with the files of `from`; returns how many were copied.
+fn copy_recordings(from: &Path, dest: &Path) -> Result<usize> {
+    if !from.is_dir() {
+        info(format!(
+            "the guest left no recordings in {}",
+            from.display()
+        ));
+        return Ok(0);
+    }
+    if dest.exists() {
+        fs::remove_dir_all(dest).with_context(|| format!("clearing {}", dest.display()))?;
+    }
+    fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut n = 0;
+    for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            fs::copy(entry.path(), dest.join(entry.file_name()))
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
