@@ -332,6 +332,10 @@ impl Engine {
                     if let Some(m) = &self.metrics {
                         m.upscale_requested(trigger_at);
                     }
+                    // Let the session send the frame before the memory.high writes that usually
+                    // follow: the kernel reclaims synchronously in the writer, and the woken
+                    // session would otherwise wait behind it on this worker.
+                    tokio::task::yield_now().await;
                 }
                 Action::SetFileCache { bytes } => {
                     let result = self.apply_file_cache(bytes).await;

@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -70,7 +71,39 @@ pub fn run(setup: &mut Setup, args: &DemoArgs) -> Result<ExitCode> {
         ));
     }
     ensure!(code == 0, "the demo driver exited with {code}");
+    render_recording(&monitor_bin, &dest)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Turns the daemon's recording into a Perfetto trace and an SVG timeline, and checks that
+/// replaying it through the policy reproduces the daemon's decisions.
+fn render_recording(monitor_bin: &Path, dest: &Path) -> Result<()> {
+    let perfetto = dest.join("trace.perfetto.json");
+    let svg = dest.join("timeline.svg");
+    step("replaying the daemon's recording through the policy");
+    cmd::run(Command::new(monitor_bin).arg("replay").arg(dest).arg("-q"))
+        .context("the recording does not replay to the daemon's decisions")?;
+    step("exporting the recording");
+    cmd::run(
+        Command::new(monitor_bin)
+            .args(["trace", "export"])
+            .arg(dest)
+            .arg("--perfetto")
+            .arg(&perfetto),
+    )?;
+    cmd::run(
+        Command::new(monitor_bin)
+            .args(["trace", "plot"])
+            .arg(dest)
+            .arg("-o")
+            .arg(&svg),
+    )?;
+    info(format!(
+        "open {} in the Perfetto UI, or {} in a browser",
+        perfetto.display(),
+        svg.display()
+    ));
+    Ok(())
 }
 
 /// The newest `target/vm-out/<kernel>-<stamp>-<our pid>` directory: `vm::run` names each run's

@@ -145,7 +145,9 @@ async fn run() -> anyhow::Result<()> {
     );
     let events_path = out.join("pressure-events.jsonl");
     let mut trace = start_trace(&events_path)?;
-    let opts = MonitorOptions::new("ebpf", Some(pg.connstr()));
+    let mut opts = MonitorOptions::new("ebpf", Some(pg.connstr()));
+    // The daemon's own recording (events and every policy step), for replay, Perfetto and SVG.
+    opts.extra = vec!["--record-dir".into(), out.display().to_string()];
     let mut monitor = Monitor::start(&cg, &opts)?;
 
     let mut cfg = agent_config(monitor.url());
