@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod daemon;
+pub mod http;
 pub mod raw;
 pub mod scenario;
 

@@ -6,75 +6,14 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use prometheus_parse::{Scrape, Value as Sample};
 use serde_json::Value;
 use tests::agent::{AgentConfig, Alloc, FakeAgent};
 use tests::daemon::Daemon;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tests::http::get;
 
 const CU: Alloc = Alloc::DEFAULT_CU;
 const NOT_MANAGING: &str = "monitor is not managing cgroup or file cache";
-
-/// An HTTP/1.1 response: status, lower-cased headers, body.
-struct HttpResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl HttpResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> anyhow::Result<HttpResponse> {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(a) = accept {
-            req.push_str(&format!("Accept: {a}\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .context("HTTP request timed out")??;
-    let text = String::from_utf8(buf).context("response is not UTF-8")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no header end in {text:?}"))?;
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("bad status line in {head:?}"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect::<Vec<_>>();
-    if headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
-    {
-        bail!("chunked responses are not expected from these endpoints");
-    }
-    Ok(HttpResponse {
-        status,
-        headers,
-        body: body.to_string(),
-    })
-}
 
 async fn scrape(addr: SocketAddr) -> Scrape {
     let r = get(addr, "/metrics", None).await.expect("GET /metrics");

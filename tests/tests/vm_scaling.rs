@@ -499,3 +499,202 @@ async fn health_checks(
     }
     out
 }
+
+/// Scrapes `/metrics` and parses it with an independent Prometheus text parser.
+async fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    let r = tests::http::get(addr, "/metrics", None).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    prometheus_parse::Scrape::parse(r.body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{}", r.body))
+}
+
+/// Sum of a metric's samples whose labels include `labels` (counters and gauges).
+fn metric(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::Value;
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(b) => b.last().map_or(0.0, |b| b.count),
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn run_monitor_cli(args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(tests::daemon::binary())
+        .args(args)
+        .output()
+        .unwrap();
+    println!(
+        "$ vm-monitor {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Issue 6 in a real run: `/metrics` moves as the scenario drives it, and the daemon's
+/// `--record-dir` recording parses, exports to Perfetto JSON that matches it, plots to a
+/// well-formed SVG, and replays to exactly the decisions the daemon made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs inside a test VM"]
+async fn s7_metrics_and_recording_follow_a_scaling_run() {
+    if !in_vm() {
+        return;
+    }
+    let record_dir = std::env::temp_dir().join(format!("s7-recording-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&record_dir);
+    let cg = Cgroup::create(CGROUP).unwrap();
+    let pg = Postgres::start(&cg, "s7").unwrap();
+    let mut opts = MonitorOptions::new("ebpf", Some(pg.connstr()));
+    opts.extra = vec!["--record-dir".into(), record_dir.display().to_string()];
+    let mut monitor = Monitor::start(&cg, &opts).unwrap();
+    let env_sizes = Sizes::for_allocation(GIB);
+
+    let before = scrape(monitor.addr).await;
+    assert_eq!(
+        metric(&before, "vm_monitor_signal_tier", &[("tier", "ebpf")]),
+        1.0
+    );
+    assert_eq!(
+        metric(&before, "vm_monitor_upscale_requests_total", &[]),
+        0.0
+    );
+
+    let agent = connect_agent(agent_config(monitor.url())).await.unwrap();
+    let connected = scrape(monitor.addr).await;
+    assert_eq!(metric(&connected, "vm_monitor_agent_connected", &[]), 1.0);
+    assert_eq!(
+        metric(&connected, "vm_monitor_upscale_threshold_bytes", &[]),
+        env_sizes.threshold as f64
+    );
+    assert_eq!(
+        metric(&connected, "vm_monitor_file_cache_size_bytes", &[]),
+        env_sizes.file_cache as f64
+    );
+
+    // Ramp past the threshold: reclaim events, an UpscaleRequest, a grant.
+    let base = cg.non_reclaimable().unwrap();
+    let mut hog = MemHog::start(&cg, memhog()).unwrap();
+    let target = (env_sizes.threshold.saturating_sub(base) + 64 * MIB) / MIB;
+    hog.grow(target, 4, Duration::from_millis(20)).unwrap();
+    agent
+        .wait_for_upscale_request(Duration::from_secs(90))
+        .await
+        .unwrap();
+    agent
+        .upscale_to(cu(2), Duration::from_secs(20))
+        .await
+        .unwrap();
+    hog.free().unwrap();
+    let after = scrape(monitor.addr).await;
+    let reclaim = metric(
+        &after,
+        "vm_monitor_pressure_events_total",
+        &[("kind", "memcg_reclaim_begin")],
+    );
+    println!(
+        "metrics after the ramp: memcg_reclaim_begin events {reclaim}, upscale requests {}, reaction latency samples {}, kernel-seen begins {}",
+        metric(&after, "vm_monitor_upscale_requests_total", &[]),
+        metric(&after, "vm_monitor_reaction_latency_seconds", &[]),
+        metric(
+            &after,
+            "vm_monitor_ebpf_events_seen_total",
+            &[("kind", "memcg_reclaim_begin")]
+        )
+    );
+    assert!(reclaim > 0.0, "no memcg reclaim events counted");
+    assert!(metric(&after, "vm_monitor_upscale_requests_total", &[]) >= 1.0);
+    assert!(metric(&after, "vm_monitor_reaction_latency_seconds", &[]) >= 1.0);
+    assert!(
+        metric(
+            &after,
+            "vm_monitor_ebpf_events_seen_total",
+            &[("kind", "memcg_reclaim_begin")]
+        ) >= reclaim,
+        "the kernel saw fewer hits than were delivered"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "vm_monitor_upscale_notifications_total",
+            &[("result", "confirmed")]
+        ),
+        2.0
+    );
+    let decisions = tests::http::get(monitor.addr, "/debug/decisions", None)
+        .await
+        .unwrap();
+    let decisions: Value = serde_json::from_str(&decisions.body).unwrap();
+    assert!(
+        decisions["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["kind"] == "upscale_requested" && d["tier"] == "ebpf"),
+        "{decisions}"
+    );
+
+    drop(agent);
+    assert!(monitor.terminate().unwrap().success());
+    let dir = record_dir.display().to_string();
+
+    // Replay: the same decisions, exactly.
+    let replay = run_monitor_cli(&["replay", &dir]);
+    assert!(replay.status.success(), "replay differs");
+    assert!(String::from_utf8_lossy(&replay.stdout).contains("identical"));
+
+    // Perfetto: parsed and checked against what the run did.
+    let json_path = record_dir.join("trace.json");
+    let export = run_monitor_cli(&[
+        "trace",
+        "export",
+        &dir,
+        "--perfetto",
+        &json_path.display().to_string(),
+    ]);
+    assert!(export.status.success());
+    let trace: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().expect("traceEvents array");
+    let slices = events.iter().filter(|e| e["ph"] == "X").count();
+    let upscale_instants = events
+        .iter()
+        .filter(|e| e["ph"] == "i" && e["name"].as_str().unwrap_or("").contains("UpscaleRequest"))
+        .count();
+    let counter_names: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e["ph"] == "C")
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    println!(
+        "perfetto: {slices} reclaim slices, {upscale_instants} UpscaleRequest instants, counters {counter_names:?}"
+    );
+    assert!(slices > 0, "no reclaim stall slices");
+    assert!(upscale_instants >= 1, "no UpscaleRequest instant");
+    assert!(
+        counter_names.iter().any(|n| n.contains("threshold")),
+        "{counter_names:?}"
+    );
+    assert!(
+        counter_names.iter().any(|n| n.contains("memory.high")),
+        "{counter_names:?}"
+    );
+
+    // SVG: well-formed enough to open, with the memory series.
+    let svg_path = record_dir.join("timeline.svg");
+    let plot = run_monitor_cli(&["trace", "plot", &dir, "-o", &svg_path.display().to_string()]);
+    assert!(plot.status.success());
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.trim_start().starts_with("<svg") || svg.trim_start().starts_with("<?xml"));
+    assert!(svg.trim_end().ends_with("</svg>"));
+    for series in ["upscale threshold", "memory.high", "non-reclaimable"] {
+        assert!(svg.contains(series), "SVG lacks the {series} series");
+    }
+    drop(pg);
+    drop(cg);
+    let _ = std::fs::remove_dir_all(&record_dir);
+}

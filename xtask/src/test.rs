@@ -51,7 +51,7 @@ impl Stage {
             Stage::Lint => "lint".into(),
             Stage::Build => "build vm-monitor".into(),
             Stage::Workspace => "cargo test --workspace".into(),
-            Stage::HostEbpf => "host-kernel eBPF tests".into(),
+            Stage::HostEbpf => "host tests (eBPF, Postgres)".into(),
             Stage::VmBuild => "build VM tests".into(),
             Stage::Vm(k) => format!("VM tests on {}", k.as_str()),
         }
@@ -203,19 +203,14 @@ impl Run<'_> {
         self.setup.paths.target.join("debug/vm-monitor")
     }
 
+    /// Root-only tests on the host: the real eBPF programs on the running kernel (and their
+    /// /metrics series), and the file-cache adapter against private PostgreSQL 15 clusters.
     fn host_ebpf(&mut self) -> Result<Outcome> {
-        let file = self.setup.paths.root.join("monitor/tests/host_ebpf.rs");
-        if !file.is_file() {
-            return Ok(Outcome::Skipped(format!(
-                "{} does not exist yet",
-                file.display()
-            )));
-        }
         // SAFETY: geteuid(2) cannot fail and touches no memory.
         let euid = unsafe { libc::geteuid() };
         ensure!(
             euid == 0,
-            "the host-kernel eBPF tests load BPF programs and need root (run as root)"
+            "the host tests load BPF programs and run Postgres as its own user: run as root"
         );
         cmd::run(self.cargo().args([
             "test",
@@ -223,6 +218,10 @@ impl Run<'_> {
             "monitor",
             "--test",
             "host_ebpf",
+            "--test",
+            "metrics",
+            "--test",
+            "filecache_pg",
             "--",
             "--ignored",
             "--test-threads=1",
