@@ -115,8 +115,13 @@ async fn anon_ramp(env: &Env, signal: &str) -> Ramp {
     } else {
         -((crossed - received).as_secs_f64() * 1e3)
     };
-    let requested = env.decisions_of(mark, "upscale_requested");
-    let first = requested.first().expect("no upscale_requested decision");
+    // The frame can overtake the daemon's log line of the same decision (the engine hands the
+    // request to the session first), so wait for the line.
+    let first = env
+        .monitor
+        .wait_for_decision(mark, "upscale_requested", Duration::from_secs(10))
+        .expect("no upscale_requested decision");
+    let first = &first;
     // The decision is stamped with the kernel event (or poll sample) that triggered it.
     let at = &first["at"];
     let decided_ns = at["secs"].as_u64().unwrap() * 1_000_000_000 + at["nanos"].as_u64().unwrap();
@@ -217,6 +222,10 @@ async fn s2_upscale_notification_resizes_file_cache_and_memory_high() {
     assert_eq!(two.file_cache, GIB);
     env.assert_applied(&two, "after UpscaleNotification 2 GiB");
     assert_eq!(env.pg.show_file_cache().unwrap(), "1GB");
+    // The confirmation can overtake the log line of the same decision.
+    env.monitor
+        .wait_for_decision(mark, "upscale_applied", Duration::from_secs(10))
+        .unwrap();
     let applied = env.decisions_of(mark, "upscale_applied");
     assert_eq!(applied.len(), 1, "{applied:?}");
     assert_eq!(applied[0]["threshold"], two.threshold);
@@ -646,7 +655,12 @@ async fn s7_metrics_and_recording_follow_a_scaling_run() {
     // Replay: the same decisions, exactly.
     let replay = run_monitor_cli(&["replay", &dir]);
     assert!(replay.status.success(), "replay differs");
-    assert!(String::from_utf8_lossy(&replay.stdout).contains("identical"));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&replay.stdout),
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(said.contains("identical"), "{said}");
 
     // Perfetto: parsed and checked against what the run did.
     let json_path = record_dir.join("trace.json");
