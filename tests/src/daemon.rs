@@ -8,8 +8,6 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// How long the daemon may take to answer `/healthz` after being spawned.
@@ -143,28 +141,9 @@ impl Daemon {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<u16> {
-        let fut = async {
-            let mut s = TcpStream::connect(self.addr).await?;
-            let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
-            for (k, v) in headers {
-                req.push_str(&format!("{k}: {v}\r\n"));
-            }
-            req.push_str("Connection: close\r\nContent-Length: 0\r\n\r\n");
-            s.write_all(req.as_bytes()).await?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await?;
-            anyhow::Ok(buf)
-        };
-        let buf = tokio::time::timeout(Duration::from_secs(5), fut)
-            .await
-            .context("HTTP request timed out")??;
-        let head = String::from_utf8_lossy(&buf);
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .with_context(|| format!("bad HTTP response {head:?}"))?;
-        Ok(status)
+        Ok(crate::http::request(self.addr, method, path, headers)
+            .await?
+            .status)
     }
 
     /// Sends SIGTERM and waits for the exit (bounded).

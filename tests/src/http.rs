@@ -31,13 +31,24 @@ pub async fn get(
     path: &str,
     accept: Option<&str>,
 ) -> anyhow::Result<HttpResponse> {
+    let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+    request(addr, "GET", path, &headers).await
+}
+
+/// Any method over a fresh HTTP/1.1 connection (5 s limit), with extra request headers.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<HttpResponse> {
     let fut = async {
         let mut s = TcpStream::connect(addr).await?;
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(a) = accept {
-            req.push_str(&format!("Accept: {a}\r\n"));
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
         }
-        req.push_str("\r\n");
+        req.push_str("Content-Length: 0\r\n\r\n");
         s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
@@ -46,7 +57,7 @@ pub async fn get(
     let buf = tokio::time::timeout(Duration::from_secs(5), fut)
         .await
         .context("HTTP request timed out")??;
-    let text = String::from_utf8(buf).context("response is not UTF-8")?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
         .with_context(|| format!("no header end in {text:?}"))?;
