@@ -15,7 +15,7 @@ use crate::cgroup::CgroupMemory;
 use crate::filecache::FileCache;
 use crate::logging::warn_limited;
 use crate::metrics::Metrics;
-use crate::policy::{Action, Decision, Effect, Input, Policy, PressureSignal};
+use crate::policy::{Action, Decision, DecisionKind, Effect, Input, Policy, PressureSignal};
 use crate::pressure::{PressureEvent, PressureKind, boottime_ns};
 use crate::record::Recorder;
 
@@ -372,7 +372,17 @@ impl Engine {
                     self.tick_at = Some(u64::try_from(at.as_nanos()).unwrap_or(u64::MAX));
                 }
                 Action::Decision(d) => {
-                    info!(decision = %serde_json::to_string(&d).unwrap_or_default(), "decision");
+                    let json = serde_json::to_string(&d).unwrap_or_default();
+                    // Steps repeat every 25 ms while an upscale is pending: /debug/decisions and
+                    // the metrics keep them; the log at info keeps only the decisions that matter.
+                    if matches!(
+                        d.kind,
+                        DecisionKind::MemoryHighRaised | DecisionKind::Ignored
+                    ) {
+                        debug!(decision = %json, "decision");
+                    } else {
+                        info!(decision = %json, "decision");
+                    }
                     if let Some(sink) = &self.decisions {
                         let _ = sink.send(d);
                     }
