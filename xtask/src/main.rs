@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's single entry point for setup, the eBPF build, VM runs and tests.
 
+mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -39,6 +40,9 @@ enum Command {
     /// Show vm-monitor at work in a VM: Postgres, the daemon, the fake agent and a
     /// memory-hungry SQL workload, as a timeline; recordings go to target/demo/.
     Demo(demo::DemoArgs),
+    /// Benchmark the signal tiers (ebpf, psi, poll) side by side in a VM: reaction latency and
+    /// idle cost; report in target/bench/. Not part of `test`.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,5 +79,6 @@ fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(&mut setup, &args),
+        Command::Bench(args) => bench::run(&mut setup, &args),
     }
 }
