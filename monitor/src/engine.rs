@@ -200,20 +200,20 @@ impl Engine {
 
     async fn handle_call(&mut self, call: ScalingCall) {
         self.replies.push_back(call.reply);
+        // Decide on fresh numbers: on the event-driven tiers the last reading can be from the
+        // last pressure burst, long before memory was freed, and memory.high is never set below
+        // it.
+        self.feed_reading().await;
         let at = now();
         let input = match call.request {
             ScalingRequest::Upscale { granted } => Input::UpscaleNotification {
                 at,
                 granted_mem: granted.mem_bytes,
             },
-            ScalingRequest::Downscale { target } => {
-                // Decide on fresh numbers, never on a reading from before the agent asked.
-                self.feed_reading().await;
-                Input::DownscaleRequest {
-                    at: now(),
-                    target_mem: target.mem_bytes,
-                }
-            }
+            ScalingRequest::Downscale { target } => Input::DownscaleRequest {
+                at,
+                target_mem: target.mem_bytes,
+            },
         };
         self.feed(input).await;
     }
