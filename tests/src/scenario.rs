@@ -1171,6 +1171,32 @@ impl Drop for Ext4Scratch {
     }
 }
 
+/// `main` of a guest-side driver binary: runs `body` on a 2-worker tokio runtime and maps its
+/// result to the exit code, printing the error chain as `<name> failed: ...`.
+pub fn run_driver<F>(name: &str, body: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name} failed: tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(body) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name} failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

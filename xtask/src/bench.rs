@@ -50,22 +50,8 @@ pub fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
     setup.all()?;
     let root = setup.paths.root.clone();
     let target = setup.paths.target.clone();
-    step("building vm-monitor and the bench driver");
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args(["build", "-p", "monitor"]),
-    )?;
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args(["build", "-p", "tests", "--bin", "bench", "--bin", "memhog"]),
-    )?;
-    let monitor_bin = target.join("debug/vm-monitor");
-    let driver = target.join("debug/bench");
-    for bin in [&monitor_bin, &driver, &target.join("debug/memhog")] {
-        ensure!(bin.is_file(), "{} was not built", bin.display());
-    }
+    let built = cmd::build_guest_binaries(&root, &target, &["bench", "memhog"])?;
+    let (monitor_bin, driver) = (built[0].clone(), built[1].clone());
 
     let kernels = match (args.kernel, args.quick) {
         (Some(k), _) => vec![k],

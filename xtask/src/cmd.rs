@@ -145,3 +145,26 @@ pub fn path_with(dirs: &[&Path]) -> Result<std::ffi::OsString> {
 pub fn cargo() -> Command {
     Command::new(env::var_os("CARGO").unwrap_or_else(|| OsStr::new("cargo").to_owned()))
 }
+
+/// Builds `vm-monitor` and the given `tests` binaries (debug), returning their paths in that
+/// order: what every command that runs a guest-side driver needs first.
+pub fn build_guest_binaries(root: &Path, target: &Path, bins: &[&str]) -> Result<Vec<PathBuf>> {
+    step(format!("building vm-monitor and {}", bins.join(", ")));
+    run(cargo().current_dir(root).args(["build", "-p", "monitor"]))?;
+    let mut tests = cargo();
+    tests.current_dir(root).args(["build", "-p", "tests"]);
+    for bin in bins {
+        tests.args(["--bin", bin]);
+    }
+    run(&mut tests)?;
+    let paths: Vec<PathBuf> = std::iter::once("vm-monitor")
+        .chain(bins.iter().copied())
+        .map(|b| target.join("debug").join(b))
+        .collect();
+    for p in &paths {
+        if !p.is_file() {
+            bail!("{} was not built", p.display());
+        }
+    }
+    Ok(paths)
+}

@@ -33,22 +33,8 @@ pub fn run(setup: &mut Setup, args: &DemoArgs) -> Result<ExitCode> {
     setup.all()?;
     let root = setup.paths.root.clone();
     let target = setup.paths.target.clone();
-    step("building vm-monitor and the demo driver");
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args(["build", "-p", "monitor"]),
-    )?;
-    cmd::run(
-        cmd::cargo()
-            .current_dir(&root)
-            .args(["build", "-p", "tests", "--bin", "demo"]),
-    )?;
-    let monitor_bin = target.join("debug/vm-monitor");
-    let driver = target.join("debug/demo");
-    for bin in [&monitor_bin, &driver] {
-        ensure!(bin.is_file(), "{} was not built", bin.display());
-    }
+    let built = cmd::build_guest_binaries(&root, &target, &["demo"])?;
+    let (monitor_bin, driver) = (built[0].clone(), built[1].clone());
     let ext = pg_extension(setup)?;
 
     let mut run = VmRun::new(args.kernel, vec![driver.display().to_string()]);

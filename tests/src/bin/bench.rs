@@ -35,18 +35,7 @@ const OVERSHOOT: u64 = 32 * MIB;
 const SETTLE: Duration = Duration::from_secs(3);
 
 fn main() -> ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tests::scenario::run_driver("bench", run())
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {

@@ -36,18 +36,7 @@ const WORKLOAD: &str = "DO $$ DECLARE a text[] := '{}'; BEGIN \
 const GRANT_DELAY: Duration = Duration::from_millis(300);
 
 fn main() -> ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("demo failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tests::scenario::run_driver("demo", run())
 }
 
 /// Converts our `Instant`s to the boot clock the kernel events and decisions carry.
