@@ -77,6 +77,11 @@ pub struct ServeArgs {
     /// (0 sends every event; OOM kills are never coalesced).
     #[arg(long, default_value_t = 10)]
     pub coalesce_ms: u64,
+    /// Have the kernel count the eBPF programs' runs and run time while the daemon runs
+    /// (`BPF_ENABLE_STATS`; no sysctl is changed), exported in /metrics. Costs two clock reads
+    /// per program run.
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// Never write the cgroup's memory.high. Detection then relies on reclaim the kernel does
     /// on its own (memory.max, guest-wide direct reclaim, OOM) and on PSI/poll readings; usage
     /// can cross the upscale threshold without any memcg reclaim event.
@@ -165,6 +170,10 @@ pub struct TraceArgs {
     /// Coalescing window in milliseconds (0 = every event).
     #[arg(long, default_value_t = 0)]
     pub coalesce_ms: u64,
+    /// Count the programs' runs and run time (`BPF_ENABLE_STATS`, no sysctl changed) and add
+    /// them, with the cost per run, to the summary.
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// Write the events as JSON lines to this file as well.
     #[arg(long)]
     pub output: Option<PathBuf>,

@@ -90,6 +90,9 @@ pub trait KernelSource: Send + Sync + 'static {
 pub struct EbpfKernelSource {
     counters: CounterReader,
     program_ids: Vec<(String, u32)>,
+    /// The programs hold their own `BPF_ENABLE_STATS` (`--bpf-stats`), which the sysctl does
+    /// not show.
+    holds_run_stats: bool,
 }
 
 impl EbpfKernelSource {
@@ -99,7 +102,14 @@ impl EbpfKernelSource {
         Self {
             counters,
             program_ids,
+            holds_run_stats: false,
         }
+    }
+
+    /// Marks the statistics as accumulated regardless of the sysctl (`--bpf-stats`).
+    pub fn holding_run_stats(mut self, held: bool) -> Self {
+        self.holds_run_stats = held;
+        self
     }
 }
 
@@ -109,7 +119,7 @@ impl KernelSource for EbpfKernelSource {
     }
 
     fn programs(&self) -> anyhow::Result<(bool, Vec<ProgramStats>)> {
-        if !crate::pressure::ebpf::bpf_stats_enabled()? {
+        if !self.holds_run_stats && !crate::pressure::ebpf::bpf_stats_enabled()? {
             return Ok((false, Vec::new()));
         }
         Ok((

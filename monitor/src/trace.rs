@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::cgroup::{CgroupMemory, CgroupTarget};
 use crate::cli::{ExportArgs, PlotArgs, TraceArgs, TraceCommand};
-use crate::pressure::ebpf::{EbpfOptions, EbpfPipeline};
+use crate::pressure::ebpf::{EbpfOptions, EbpfPipeline, ProgramStats, program_stats};
 use crate::pressure::{PressureEvent, PressureKind, Tier, boottime_ns};
 use crate::record::{
     CgroupInfo, Header, KernelKindCounters, ReadingRecord, Record, Recorder, Recording,
@@ -112,6 +112,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let pipeline = EbpfPipeline::load(&EbpfOptions {
         target: target.clone(),
         coalesce: Duration::from_millis(args.coalesce_ms),
+        run_stats: args.bpf_stats,
     })?;
     let mut recording = match &args.record {
         Some(path) => Some(LiveRecording::start(
@@ -129,6 +130,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
+    // Listening before we announce readiness: Ctrl-C right after must still print the summary.
+    let stop = crate::daemon::shutdown_signal();
     eprintln!(
         "tracing: {} (Ctrl-C to stop)",
         running
@@ -152,7 +155,6 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
     };
     tokio::pin!(deadline);
-    let stop = crate::daemon::shutdown_signal();
     tokio::pin!(stop);
     let mut seen: BTreeMap<&'static str, Seen> = BTreeMap::new();
     let mut stdout = std::io::stdout().lock();
@@ -207,18 +209,30 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         r.burst_done();
         r.finish(&counters)?;
     }
-    let summary = render_summary(&seen, &counters);
+    let programs = if running.run_stats_enabled() {
+        program_stats(&running.program_ids())?
+    } else {
+        Vec::new()
+    };
     if args.json {
         let json = serde_json::json!({
             "summary": counters.iter().map(|(k, c)| (k.name().to_string(), serde_json::json!({
                 "received_records": seen.get(k.name()).map(|s| s.records).unwrap_or(0),
                 "received_events": seen.get(k.name()).map(|s| s.events).unwrap_or(0),
                 "seen": c.seen, "emitted": c.emitted, "coalesced": c.coalesced, "dropped": c.dropped,
-            }))).collect::<serde_json::Map<_, _>>()
+            }))).collect::<serde_json::Map<_, _>>(),
+            "programs": programs.iter().map(|p| serde_json::json!({
+                "program": p.program,
+                "run_count": p.run_count,
+                "run_time_ns": u64::try_from(p.run_time.as_nanos()).unwrap_or(u64::MAX),
+            })).collect::<Vec<_>>(),
         });
         writeln!(stdout, "{json}").context("writing to stdout")?;
     } else {
-        write!(stdout, "{summary}").context("writing to stdout")?;
+        write!(stdout, "{}", render_summary(&seen, &counters)).context("writing to stdout")?;
+        if !programs.is_empty() {
+            write!(stdout, "{}", render_program_stats(&programs)).context("writing to stdout")?;
+        }
     }
     stdout.flush().context("flushing stdout")?;
     Ok(())
@@ -244,6 +258,28 @@ pub fn render_summary(
             c.emitted,
             c.coalesced,
             c.dropped
+        ));
+    }
+    s
+}
+
+/// Per-program run statistics (`--bpf-stats`): runs, total time and the cost of one run.
+pub fn render_program_stats(programs: &[ProgramStats]) -> String {
+    let mut s = format!(
+        "\n{:<28} {:>12} {:>14} {:>12}\n",
+        "PROGRAM", "RUNS", "RUN TIME (ms)", "NS PER RUN"
+    );
+    for p in programs {
+        let per_run = match p.run_count {
+            0 => "-".to_string(),
+            n => format!("{:.0}", p.run_time.as_nanos() as f64 / n as f64),
+        };
+        s.push_str(&format!(
+            "{:<28} {:>12} {:>14.3} {:>12}\n",
+            p.program,
+            p.run_count,
+            p.run_time.as_secs_f64() * 1e3,
+            per_run
         ));
     }
     s

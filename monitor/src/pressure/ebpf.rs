@@ -3,6 +3,7 @@
 //! Nothing polls: the consumer sleeps in epoll until the kernel commits a record.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +36,9 @@ pub struct EbpfOptions {
     pub target: Option<CgroupTarget>,
     /// In-kernel coalescing window (zero: every event is sent).
     pub coalesce: Duration,
+    /// Have the kernel accumulate the programs' run count and time while they are loaded
+    /// (`BPF_ENABLE_STATS`, released with them; no sysctl is changed).
+    pub run_stats: bool,
 }
 
 /// Result of trying to attach one program.
@@ -58,6 +62,7 @@ pub struct EbpfPipeline {
     ebpf: Ebpf,
     attach: Vec<AttachStatus>,
     counters: CounterReader,
+    run_stats: Option<OwnedFd>,
 }
 
 /// Reads the per-kind counters (summed over CPUs) while the pipeline runs.
@@ -95,6 +100,15 @@ impl EbpfPipeline {
     /// Loads the programs and attaches every one whose tracepoint exists.
     pub fn load(opts: &EbpfOptions) -> anyhow::Result<EbpfPipeline> {
         raise_memlock_limit();
+        // Before loading, so the first runs count too.
+        let run_stats = if opts.run_stats {
+            Some(
+                aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                    .context("enabling BPF run statistics (BPF_ENABLE_STATS, kernel ≥ 5.8)")?,
+            )
+        } else {
+            None
+        };
         let tracefs = TraceFs::locate().context("locating tracefs")?;
         let slots = field_slots(&tracefs);
         let target_id = opts.target.as_ref().map(|t| t.id).unwrap_or(0);
@@ -155,6 +169,7 @@ impl EbpfPipeline {
             counters: CounterReader {
                 map: Arc::new(Mutex::new(counters)),
             },
+            run_stats,
         })
     }
 
@@ -206,6 +221,7 @@ impl EbpfPipeline {
             logger,
             counters: self.counters,
             attach: self.attach,
+            run_stats: self.run_stats,
         })
     }
 }
@@ -217,9 +233,21 @@ pub struct AttachedPrograms {
     logger: Option<tokio::task::JoinHandle<()>>,
     counters: CounterReader,
     attach: Vec<AttachStatus>,
+    run_stats: Option<OwnedFd>,
 }
 
 impl AttachedPrograms {
+    /// Whether the kernel accumulates the programs' run statistics: asked for at load
+    /// ([`EbpfOptions::run_stats`]) or `kernel.bpf_stats_enabled=1`.
+    pub fn run_stats_enabled(&self) -> bool {
+        self.run_stats.is_some() || bpf_stats_enabled().unwrap_or(false)
+    }
+
+    /// Whether these programs hold their own `BPF_ENABLE_STATS` (see [`EbpfOptions::run_stats`]).
+    pub fn holds_run_stats(&self) -> bool {
+        self.run_stats.is_some()
+    }
+
     /// A handle to read the in-kernel counters.
     pub fn counters(&self) -> CounterReader {
         self.counters.clone()
@@ -283,7 +311,8 @@ pub fn program_stats(ids: &[(String, u32)]) -> anyhow::Result<Vec<ProgramStats>>
     }
 }
 
-/// Whether `kernel.bpf_stats_enabled` is on (program run count/time are being accumulated).
+/// Whether the `kernel.bpf_stats_enabled` sysctl is on. (A `BPF_ENABLE_STATS` fd held by
+/// anyone also makes the kernel accumulate statistics, but the sysctl does not show it.)
 pub fn bpf_stats_enabled() -> anyhow::Result<bool> {
     let path = "/proc/sys/kernel/bpf_stats_enabled";
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
