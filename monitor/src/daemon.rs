@@ -21,25 +21,27 @@ use crate::pressure::{PressureEvent, Tier, poll, psi};
 use crate::server::ServerState;
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Registered now, not at the first poll: a signal that arrives between this call and the
+    // first poll must stop us gracefully rather than kill us with the default action.
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>, name: &'static str| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(err) => {
+                    warn!(error = %err, signal = name, "cannot listen for the signal");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(err) => {
-                warn!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = term => {}
-        r = tokio::signal::ctrl_c() => {
-            if let Err(err) = r {
-                warn!(error = %err, "cannot listen for SIGINT");
-                std::future::pending::<()>().await;
-            }
+        };
+        tokio::select! {
+            () = wait(term, "SIGTERM") => {}
+            () = wait(int, "SIGINT") => {}
         }
     }
 }
@@ -68,6 +70,7 @@ pub async fn start_pressure(
     target: &CgroupTarget,
     choice: SignalChoice,
     coalesce: Duration,
+    run_stats: bool,
     tx: mpsc::Sender<PressureEvent>,
 ) -> anyhow::Result<(Tier, PressureSource)> {
     // Inline rather than on the blocking pool: a pool thread would linger and then exit while
@@ -79,6 +82,7 @@ pub async fn start_pressure(
         let opts = EbpfOptions {
             target: Some(target.clone()),
             coalesce,
+            run_stats,
         };
         match EbpfPipeline::load(&opts).and_then(|p| p.start(tx.clone())) {
             Ok(running) => {
@@ -201,8 +205,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let signalled = shutdown_signal();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signalled.await;
         info!("shutting down");
         let _ = shutdown_tx.send(true);
     });
@@ -228,12 +233,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Some(t) => {
                 let (tx, rx) = mpsc::channel(4096);
                 let coalesce = Duration::from_millis(args.coalesce_ms);
-                let (tier, source) = start_pressure(t, args.signal, coalesce, tx).await?;
+                let (tier, source) =
+                    start_pressure(t, args.signal, coalesce, args.bpf_stats, tx).await?;
                 if let PressureSource::Ebpf(programs) = &source {
-                    metrics.set_kernel(Box::new(metrics::EbpfKernelSource::new(
-                        programs.counters(),
-                        programs.program_ids(),
-                    )));
+                    metrics.set_kernel(Box::new(
+                        metrics::EbpfKernelSource::new(programs.counters(), programs.program_ids())
+                            .holding_run_stats(programs.holds_run_stats()),
+                    ));
                 }
                 (Some(rx), Some(source), Some(tier))
             }
