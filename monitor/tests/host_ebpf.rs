@@ -10,67 +10,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use monitor::cgroup::CgroupTarget;
 use monitor::pressure::ebpf::{AttachedPrograms, EbpfOptions, EbpfPipeline};
 use monitor::pressure::{PressureEvent, PressureKind, RecordKind};
+use tests::hostcg::ScratchMemcg;
 use tokio::sync::mpsc;
-
-/// A v1 memory child of this process's own memory cgroup; removed on drop.
-struct ScratchMemcg {
-    dir: PathBuf,
-}
-
-impl ScratchMemcg {
-    fn create(tag: &str, limit_bytes: u64) -> ScratchMemcg {
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let rel = own
-            .lines()
-            .find_map(|l| {
-                let mut parts = l.splitn(3, ':');
-                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-                controllers
-                    .split(',')
-                    .any(|c| c == "memory")
-                    .then(|| path.to_string())
-            })
-            .expect("this test needs a cgroup v1 memory controller (the host's layout)");
-        let dir = Path::new("/sys/fs/cgroup/memory")
-            .join(rel.trim_start_matches('/'))
-            .join(format!("vmmon-test-{tag}-{}", std::process::id()));
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        std::fs::write(dir.join("memory.limit_in_bytes"), limit_bytes.to_string()).unwrap();
-        ScratchMemcg { dir }
-    }
-
-    /// Runs `script` with `sh` inside the cgroup; returns (pid, exit status).
-    fn run(&self, script: &str) -> (u32, std::process::ExitStatus) {
-        let procs = self.dir.join("cgroup.procs");
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo $$ > {} && exec {script}", procs.display()))
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let status = child.wait().unwrap();
-        (pid, status)
-    }
-}
-
-impl Drop for ScratchMemcg {
-    fn drop(&mut self) {
-        // Every task has exited by now; the kernel keeps charged page cache as a zombie memcg.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("warning: could not remove {}", self.dir.display());
-    }
-}
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -89,8 +35,12 @@ async fn start_with(
     target: Option<CgroupTarget>,
     coalesce: Duration,
 ) -> (AttachedPrograms, mpsc::Receiver<PressureEvent>) {
-    let pipeline = EbpfPipeline::load(&EbpfOptions { target, coalesce })
-        .expect("loading the eBPF programs on the host kernel");
+    let pipeline = EbpfPipeline::load(&EbpfOptions {
+        target,
+        coalesce,
+        run_stats: false,
+    })
+    .expect("loading the eBPF programs on the host kernel");
     let attached: Vec<_> = pipeline
         .attach_status()
         .iter()
@@ -133,13 +83,16 @@ fn scratch_file(name: &str) -> PathBuf {
 async fn memcg_reclaim_events_arrive_with_stall_and_counters_add_up() {
     require_root();
     let (programs, mut rx) = start(Duration::ZERO).await;
-    let cg = ScratchMemcg::create("reclaim", 16 << 20);
+    let cg =
+        ScratchMemcg::create("reclaim", 16 << 20).expect("creating a scratch v1 memory cgroup");
     let file = scratch_file("reclaim-fill");
     // 96 MiB of page cache through a 16 MiB limit: the memcg must reclaim over and over.
-    let (pid, status) = cg.run(&format!(
-        "dd if=/dev/zero of={} bs=1M count=96 conv=fsync status=none",
-        file.display()
-    ));
+    let (pid, status) = cg
+        .run(&format!(
+            "dd if=/dev/zero of={} bs=1M count=96 conv=fsync status=none",
+            file.display()
+        ))
+        .expect("running the workload");
     assert!(status.success(), "workload failed: {status}");
     let before = programs.counters().snapshot().unwrap();
     let events = drain(&mut rx).await;
@@ -208,12 +161,15 @@ async fn coalescing_bounds_records_and_counts_what_it_folds() {
     require_root();
     // A window longer than the workload: each (kind, cgroup) sends its first record only.
     let (programs, mut rx) = start(Duration::from_secs(30)).await;
-    let cg = ScratchMemcg::create("coalesce", 16 << 20);
+    let cg =
+        ScratchMemcg::create("coalesce", 16 << 20).expect("creating a scratch v1 memory cgroup");
     let file = scratch_file("coalesce-fill");
-    let (pid, status) = cg.run(&format!(
-        "dd if=/dev/zero of={} bs=1M count=96 conv=fsync status=none",
-        file.display()
-    ));
+    let (pid, status) = cg
+        .run(&format!(
+            "dd if=/dev/zero of={} bs=1M count=96 conv=fsync status=none",
+            file.display()
+        ))
+        .expect("running the workload");
     assert!(status.success(), "workload failed: {status}");
     let events = drain(&mut rx).await;
     let counters = programs.counters().snapshot().unwrap();
@@ -237,10 +193,10 @@ async fn coalescing_bounds_records_and_counts_what_it_folds() {
 async fn oom_kill_is_reported_with_the_victim_pid() {
     require_root();
     let (programs, mut rx) = start(Duration::from_secs(30)).await;
-    let cg = ScratchMemcg::create("oom", 16 << 20);
+    let cg = ScratchMemcg::create("oom", 16 << 20).expect("creating a scratch v1 memory cgroup");
     // Anonymous memory beyond the limit with no swap: the memcg OOM killer must kill it.
     // `tail` keeps the whole newline-free stream in memory.
-    let (pid, status) = cg.run("tail /dev/zero");
+    let (pid, status) = cg.run("tail /dev/zero").expect("running the workload");
     assert!(
         !status.success(),
         "the allocation should have been OOM-killed"
@@ -267,7 +223,8 @@ async fn memcg_stat_tracepoint_reports_the_target_memcg_by_its_own_id() {
         println!("skipped: this kernel has no memcg:count_memcg_events (added in 6.13)");
         return;
     }
-    let cg = ScratchMemcg::create("memcg-events", 16 << 20);
+    let cg = ScratchMemcg::create("memcg-events", 16 << 20)
+        .expect("creating a scratch v1 memory cgroup");
     // The event carries the memcg's own cgroup id (its directory inode), so it matches the v1
     // child here just as it matches a v2 group in the VM.
     let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cg.dir).unwrap());
@@ -282,7 +239,8 @@ async fn memcg_stat_tracepoint_reports_the_target_memcg_by_its_own_id() {
     cg.run(&format!(
         "dd if=/dev/zero of={} bs=1M count=32 conv=fsync status=none",
         file.display()
-    ));
+    ))
+    .expect("running the workload");
     let events = drain(&mut rx).await;
     let _ = std::fs::remove_file(&file);
     let memcg: Vec<_> = events

@@ -203,6 +203,7 @@ async fn ebpf_kernel_source_on_the_host() {
     let pipeline = EbpfPipeline::load(&EbpfOptions {
         target: None,
         coalesce: Duration::from_millis(10),
+        run_stats: false,
     })
     .expect("loading the eBPF programs");
     let (tx, _rx) = mpsc::channel(65536);

@@ -3,7 +3,9 @@
 //! the guest-side harness of the VM scaling scenarios and the demo ([`scenario`]).
 
 pub mod agent;
+pub mod benchkit;
 pub mod daemon;
+pub mod hostcg;
 pub mod http;
 pub mod raw;
 pub mod scenario;

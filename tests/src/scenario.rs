@@ -1081,6 +1081,30 @@ impl MemHog {
         ))
     }
 
+    /// Like [`MemHog::grow`], and timestamps (CLOCK_BOOTTIME, in the workload itself) the page
+    /// fault that brings the held memory to `mark_bytes`; [`MemHog::wait_crossed`] returns it.
+    pub fn grow_marked(
+        &mut self,
+        total_mib: u64,
+        step_mib: u64,
+        interval: Duration,
+        mark_bytes: u64,
+    ) -> anyhow::Result<()> {
+        self.send(&format!(
+            "grow {total_mib} {step_mib} {} {mark_bytes}",
+            interval.as_millis()
+        ))
+    }
+
+    /// The CLOCK_BOOTTIME ns at which the last `grow_marked` reached its mark.
+    pub fn wait_crossed(&mut self, timeout: Duration) -> anyhow::Result<u64> {
+        let line = self.expect("crossed", timeout)?;
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .context("malformed memhog line")
+    }
+
     /// Waits until the last `grow` finished.
     pub fn wait_held(&mut self, timeout: Duration) -> anyhow::Result<u64> {
         let line = self.expect("held", timeout)?;
@@ -1090,6 +1114,21 @@ impl MemHog {
             .and_then(|v| v.parse().ok())
             .context("malformed memhog line")?;
         Ok(self.held_mib)
+    }
+
+    /// Starts `churn` (touch `total_mib`, free, repeat) for `rounds` rounds or `secs` seconds
+    /// (0 = no such limit); returns at once, [`MemHog::wait_churned`] collects the result.
+    pub fn churn(&mut self, total_mib: u64, rounds: u64, secs: f64) -> anyhow::Result<()> {
+        self.send(&format!("churn {total_mib} {rounds} {secs}"))
+    }
+
+    /// Waits for the last `churn` and returns the rounds it did.
+    pub fn wait_churned(&mut self, timeout: Duration) -> anyhow::Result<u64> {
+        let line = self.expect("churned", timeout)?;
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .context("malformed memhog line")
     }
 
     /// Releases everything and waits for it.
@@ -1169,6 +1208,20 @@ impl Drop for Ext4Scratch {
         let _ = std::fs::remove_dir(&self.mountpoint);
         let _ = std::fs::remove_file(&self.image);
     }
+}
+
+/// Swap on a `mib` MiB zram device, once per boot (Neon VMs can have swap; without it,
+/// anonymous memory above memory.high cannot be reclaimed at all).
+pub fn ensure_zram_swap(mib: u64) -> anyhow::Result<()> {
+    let swaps = std::fs::read_to_string("/proc/swaps").context("reading /proc/swaps")?;
+    if swaps.lines().count() >= 2 {
+        return Ok(());
+    }
+    run(Command::new("/bin/sh").arg("-c").arg(format!(
+        "modprobe zram && echo {mib}M > /sys/block/zram0/disksize && mkswap /dev/zram0 >/dev/null && swapon /dev/zram0"
+    )))
+    .context("setting up zram swap")?;
+    Ok(())
 }
 
 /// `main` of a guest-side driver binary: runs `body` on a 2-worker tokio runtime and maps its

@@ -43,12 +43,7 @@ fn sh(script: &str) -> String {
 
 /// One-time guest preparation: swap on zram, memory controller for children.
 fn prepare_guest() {
-    let swaps = std::fs::read_to_string("/proc/swaps").unwrap();
-    if swaps.lines().count() < 2 {
-        sh(
-            "modprobe zram && echo 512M > /sys/block/zram0/disksize && mkswap /dev/zram0 >/dev/null && swapon /dev/zram0",
-        );
-    }
+    tests::scenario::ensure_zram_swap(512).unwrap();
     let ctl = std::fs::read_to_string(format!("{CG_ROOT}/cgroup.subtree_control")).unwrap();
     if !ctl.split_whitespace().any(|c| c == "memory") {
         std::fs::write(format!("{CG_ROOT}/cgroup.subtree_control"), "+memory").unwrap();

@@ -146,20 +146,46 @@ pub fn cargo() -> Command {
     Command::new(env::var_os("CARGO").unwrap_or_else(|| OsStr::new("cargo").to_owned()))
 }
 
-/// Builds `vm-monitor` and the given `tests` binaries (debug), returning their paths in that
-/// order: what every command that runs a guest-side driver needs first.
-pub fn build_guest_binaries(root: &Path, target: &Path, bins: &[&str]) -> Result<Vec<PathBuf>> {
-    step(format!("building vm-monitor and {}", bins.join(", ")));
-    run(cargo().current_dir(root).args(["build", "-p", "monitor"]))?;
+/// Cargo profile to build with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    Debug,
+    /// What operators run, and so what benchmarks measure.
+    Release,
+}
+
+/// Builds `vm-monitor` and the given `tests` binaries, returning their paths in that order:
+/// what every command that runs a guest-side driver needs first.
+pub fn build_guest_binaries(
+    root: &Path,
+    target: &Path,
+    bins: &[&str],
+    profile: Profile,
+) -> Result<Vec<PathBuf>> {
+    let (flag, dir) = match profile {
+        Profile::Debug => (None, "debug"),
+        Profile::Release => (Some("--release"), "release"),
+    };
+    step(format!(
+        "building vm-monitor and {} ({dir})",
+        bins.join(", ")
+    ));
+    run(cargo()
+        .current_dir(root)
+        .args(["build", "-p", "monitor"])
+        .args(flag))?;
     let mut tests = cargo();
-    tests.current_dir(root).args(["build", "-p", "tests"]);
+    tests
+        .current_dir(root)
+        .args(["build", "-p", "tests"])
+        .args(flag);
     for bin in bins {
         tests.args(["--bin", bin]);
     }
     run(&mut tests)?;
     let paths: Vec<PathBuf> = std::iter::once("vm-monitor")
         .chain(bins.iter().copied())
-        .map(|b| target.join("debug").join(b))
+        .map(|b| target.join(dir).join(b))
         .collect();
     for p in &paths {
         if !p.is_file() {

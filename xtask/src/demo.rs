@@ -33,7 +33,7 @@ pub fn run(setup: &mut Setup, args: &DemoArgs) -> Result<ExitCode> {
     setup.all()?;
     let root = setup.paths.root.clone();
     let target = setup.paths.target.clone();
-    let built = cmd::build_guest_binaries(&root, &target, &["demo"])?;
+    let built = cmd::build_guest_binaries(&root, &target, &["demo"], cmd::Profile::Debug)?;
     let (monitor_bin, driver) = (built[0].clone(), built[1].clone());
     let ext = pg_extension(setup)?;
 

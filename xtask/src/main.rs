@@ -40,8 +40,9 @@ enum Command {
     /// Show vm-monitor at work in a VM: Postgres, the daemon, the fake agent and a
     /// memory-hungry SQL workload, as a timeline; recordings go to target/demo/.
     Demo(demo::DemoArgs),
-    /// Benchmark the signal tiers (ebpf, psi, poll) side by side in a VM: reaction latency and
-    /// idle cost; report in target/bench/. Not part of `test`.
+    /// Benchmark the signal tiers (ebpf, psi, poll) side by side in a VM (reaction latency,
+    /// idle cost, workload overhead, program cost, event storm) and on the host kernel;
+    /// report in target/bench/. Not part of `test`.
     Bench(bench::BenchArgs),
 }
 

@@ -3,15 +3,26 @@
 //!
 //! - Reaction latency: in blocks of `BENCH_BLOCK` ramps per tier, tiers rotating between blocks
 //!   (one daemon start per block), each ramp a fresh memhog pushing anonymous memory past the
-//!   upscale threshold. The crossing is timestamped by [`CrossingWatch`] (1 ms memory.stat
-//!   watcher, SCHED_FIFO), the end by the fake agent receiving `UpscaleRequest`.
+//!   upscale threshold. The crossing is timestamped by the workload itself (the page fault
+//!   that reaches the threshold, CLOCK_BOOTTIME), the end by the fake agent receiving
+//!   `UpscaleRequest`.
 //! - Idle cost: per tier, `BENCH_IDLE_SECS` with the agent connected and no memory activity:
 //!   the daemon's CPU time (utime + stime) and voluntary context switches (all threads).
 //!
-//! The daemon runs without `--pgconnstr` (no Postgres): the file cache plays no part in the
-//! upscale trigger, and skipping Postgres saves minutes per boot under TCG.
+//! - Overhead: a fixed reclaim-heavy workload (anonymous churn through memory.high into zram
+//!   swap, then a page-cache read larger than memory.high from a loop-mounted ext4) timed with
+//!   no daemon and with the ebpf daemon attached, alternating; then once per JIT mode with
+//!   `--bpf-stats` for the programs' own cost per run.
+//! - Event storm: `BENCH_STORM_TASKS` tasks churning memory through memory.high for
+//!   `BENCH_STORM_SECS`: the kernel's counters and the daemon's deliveries from /metrics, its
+//!   CPU time and RSS (sampled every second).
 //!
-//! Output in `$VM_MONITOR_OUT/bench/`: `latency.csv`, `idle.csv`, `startup.csv`, `meta.txt`.
+//! `BENCH_PARTS` (comma-separated: latency, idle, overhead, storm) selects parts. The daemon
+//! runs without `--pgconnstr` (no Postgres): the file cache plays no part in any of this, and
+//! skipping Postgres saves minutes per boot under TCG.
+//!
+//! Output in `$VM_MONITOR_OUT/bench/`: `latency.csv`, `idle.csv`, `startup.csv`,
+//! `overhead.csv`, `bpf-cost.csv`, `storm.csv`, `storm-rss.csv`, `meta.txt`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,14 +30,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
+use tests::benchkit::{CsvDir, MetricsPage, ProcSample};
 use tests::scenario::{
-    CGROUP, Cgroup, CrossingWatch, GIB, MIB, MemHog, Monitor, MonitorOptions, Sizes, agent_config,
+    CGROUP, Cgroup, Ext4Scratch, GIB, MIB, MemHog, Monitor, MonitorOptions, Sizes, agent_config,
     boottime_ns, connect_agent, cu,
 };
 
 /// Default tiers; `BENCH_TIERS` (comma-separated) overrides. `ebpf-c0` is the ebpf tier with
 /// in-kernel coalescing off (`--coalesce-ms 0`), to see what the 10 ms default costs.
 const TIERS: &str = "ebpf,psi,poll";
+/// Every part, in the order they run.
+const PARTS: &str = "latency,idle,overhead,storm";
 /// Anonymous memory is pre-grown quickly to this far below the threshold; only the last stretch
 /// is the measured ramp (keeps each ramp ~1 s under TCG).
 const PRE_GAP: u64 = 96 * MIB;
@@ -45,37 +59,18 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-struct Out {
-    dir: PathBuf,
-}
-
-impl Out {
-    fn append(&self, file: &str, header: &str, row: &str) -> anyhow::Result<()> {
-        use std::io::Write as _;
-        let path = self.dir.join(file);
-        let new = !path.exists();
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        if new {
-            writeln!(f, "{header}")?;
-        }
-        writeln!(f, "{row}")?;
-        // The VM can be killed on a timeout; keep what was measured so far.
-        f.sync_all()?;
-        Ok(())
-    }
-}
-
 async fn run() -> anyhow::Result<()> {
     let out_root = std::env::var_os("VM_MONITOR_OUT").context("VM_MONITOR_OUT is not set")?;
     let kernel = std::env::var("VM_MONITOR_KERNEL").unwrap_or_default();
-    let out = Out {
-        dir: Path::new(&out_root).join("bench"),
-    };
-    std::fs::create_dir_all(&out.dir)?;
+    let out = CsvDir::new(Path::new(&out_root).join("bench"))?;
+    let parts_env = std::env::var("BENCH_PARTS").unwrap_or_else(|_| PARTS.to_string());
+    let parts: Vec<&str> = parts_env.split(',').filter(|p| !p.is_empty()).collect();
+    for p in &parts {
+        ensure!(
+            PARTS.split(',').any(|k| k == *p),
+            "unknown bench part {p:?}"
+        );
+    }
     let ramps = env_u64("BENCH_RAMPS", 5);
     let block = env_u64("BENCH_BLOCK", 5).max(1);
     let idle_secs = env_u64("BENCH_IDLE_SECS", 15);
@@ -91,6 +86,54 @@ async fn run() -> anyhow::Result<()> {
     let tiers: Vec<&str> = tiers_env.split(',').filter(|t| !t.is_empty()).collect();
     let idle_tiers: Vec<&str> = tiers.iter().copied().filter(|t| !t.contains('-')).collect();
 
+    if parts.contains(&"latency") {
+        latency(&out, &cg, &memhog, &kernel, &tiers, ramps, block).await?;
+    }
+    if parts.contains(&"idle") {
+        // Variants (`ebpf-c0`) only matter for latency.
+        for tier in idle_tiers {
+            let s = idle(&cg, tier, Duration::from_secs(idle_secs)).await?;
+            eprintln!(
+                "bench: {kernel} {tier} idle {idle_secs} s: {} voluntary switches, {:.1} ms CPU, RSS {} KiB",
+                s.switches, s.cpu_ms, s.rss_kib
+            );
+            out.append(
+                "idle.csv",
+                "kernel,tier,seconds,voluntary_switches,cpu_ms,rss_kib",
+                &format!(
+                    "{kernel},{tier},{:.3},{},{:.1},{}",
+                    s.secs, s.switches, s.cpu_ms, s.rss_kib
+                ),
+            )?;
+        }
+    }
+    if parts.contains(&"overhead") || parts.contains(&"storm") {
+        tests::scenario::ensure_zram_swap(768)?;
+    }
+    if parts.contains(&"overhead") {
+        let pairs = env_u64("BENCH_OVERHEAD_PAIRS", 5);
+        overhead(&out, &cg, &memhog, &kernel, pairs).await?;
+    }
+    if parts.contains(&"storm") {
+        let secs = env_u64("BENCH_STORM_SECS", 30);
+        let tasks = env_u64("BENCH_STORM_TASKS", 8);
+        let variants = std::env::var("BENCH_STORM_VARIANTS").unwrap_or_else(|_| "ebpf".into());
+        for variant in variants.split(',').filter(|v| !v.is_empty()) {
+            storm(&out, &cg, &memhog, &kernel, variant, tasks, secs).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn latency(
+    out: &CsvDir,
+    cg: &Cgroup,
+    memhog: &Path,
+    kernel: &str,
+    tiers: &[&str],
+    ramps: u64,
+    block: u64,
+) -> anyhow::Result<()> {
     // Latency: tiers rotate between blocks so a slow drift of the machine hits all of them.
     let blocks = ramps.div_ceil(block);
     let mut done = vec![0u64; tiers.len()];
@@ -102,14 +145,14 @@ async fn run() -> anyhow::Result<()> {
             if n == 0 {
                 continue;
             }
-            let (mut mon, startup) = start(&cg, tier)?;
+            let (mut mon, startup) = start(cg, tier)?;
             out.append(
                 "startup.csv",
                 "kernel,tier,startup_ms",
                 &format!("{kernel},{tier},{:.1}", startup.as_secs_f64() * 1e3),
             )?;
             for _ in 0..n {
-                let r = match ramp(&mon, &cg, &memhog)
+                let r = match ramp(&mon, cg, memhog)
                     .await
                     .with_context(|| format!("{tier} ramp {}", done[t] + 1))?
                 {
@@ -122,14 +165,14 @@ async fn run() -> anyhow::Result<()> {
                             "bench: {tier}: memory.high not back at 1 CU; restarting the daemon"
                         );
                         ensure!(mon.terminate()?.success(), "{tier}: daemon exit failed");
-                        let (m, startup) = start(&cg, tier)?;
+                        let (m, startup) = start(cg, tier)?;
                         mon = m;
                         out.append(
                             "startup.csv",
                             "kernel,tier,startup_ms",
                             &format!("{kernel},{tier},{:.1}", startup.as_secs_f64() * 1e3),
                         )?;
-                        ramp(&mon, &cg, &memhog)
+                        ramp(&mon, cg, memhog)
                             .await
                             .with_context(|| format!("{tier} ramp {}", done[t] + 1))?
                             .context("memory.high not at 1 CU even with a fresh daemon")?
@@ -142,11 +185,12 @@ async fn run() -> anyhow::Result<()> {
                 );
                 out.append(
                     "latency.csv",
-                    "kernel,block,tier,ramp,reaction_ms,event_to_frame_ms,reading_mib,early_requests,trigger",
+                    "kernel,block,tier,ramp,reaction_ms,crossing_to_event_ms,event_to_frame_ms,reading_mib,early_requests,trigger",
                     &format!(
-                        "{kernel},{b},{tier},{},{:.3},{:.3},{:.1},{},\"{}\"",
+                        "{kernel},{b},{tier},{},{:.3},{:.3},{:.3},{:.1},{},\"{}\"",
                         done[t],
                         r.reaction_ms,
+                        r.crossing_to_event_ms,
                         r.event_to_frame_ms,
                         r.reading as f64 / MIB as f64,
                         r.early,
@@ -157,28 +201,10 @@ async fn run() -> anyhow::Result<()> {
             ensure!(mon.terminate()?.success(), "{tier}: daemon exit failed");
         }
     }
-
-    // Idle cost.
-    // Variants (`ebpf-c0`) only matter for latency.
-    for tier in idle_tiers {
-        let s = idle(&cg, tier, Duration::from_secs(idle_secs)).await?;
-        eprintln!(
-            "bench: {kernel} {tier} idle {idle_secs} s: {} voluntary switches, {:.1} ms CPU, RSS {} KiB",
-            s.switches, s.cpu_ms, s.rss_kib
-        );
-        out.append(
-            "idle.csv",
-            "kernel,tier,seconds,voluntary_switches,cpu_ms,rss_kib",
-            &format!(
-                "{kernel},{tier},{:.3},{},{:.1},{}",
-                s.secs, s.switches, s.cpu_ms, s.rss_kib
-            ),
-        )?;
-    }
     Ok(())
 }
 
-fn write_meta(out: &Out, kernel: &str) -> anyhow::Result<()> {
+fn write_meta(out: &CsvDir, kernel: &str) -> anyhow::Result<()> {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let mut meta = String::new();
     writeln!(meta, "kernel_line={kernel}")?;
@@ -230,9 +256,12 @@ fn start(cg: &Cgroup, tier: &str) -> anyhow::Result<(Monitor, Duration)> {
 }
 
 struct Ramp {
-    /// Crossing seen by the watcher → UpscaleRequest at the agent; negative if the request came
-    /// first (the watcher polls every 1 ms; the eBPF tier can beat it).
+    /// The workload reaching the threshold → UpscaleRequest at the agent (CLOCK_BOOTTIME
+    /// both); negative if the request came first (a false trigger).
     reaction_ms: f64,
+    /// Crossing → the kernel event (or poll sample) the decision is stamped with: the kernel's
+    /// (or the poll period's) share.
+    crossing_to_event_ms: f64,
     /// The kernel event (or poll sample) the decision is stamped with → the frame at the agent,
     /// both CLOCK_BOOTTIME: the daemon's own share of the reaction.
     event_to_frame_ms: f64,
@@ -254,8 +283,8 @@ async fn ramp(mon: &Monitor, cg: &Cgroup, memhog: &Path) -> anyhow::Result<Optio
         return Ok(None);
     }
 
-    let base = cg.non_reclaimable()?;
     let mut hog = MemHog::start(cg, memhog)?;
+    let base = cg.non_reclaimable()?;
     let pre = sizes.threshold.saturating_sub(base).saturating_sub(PRE_GAP) / MIB;
     hog.grow(pre, 32, Duration::ZERO)?;
     hog.wait_held(Duration::from_secs(60))?;
@@ -274,30 +303,32 @@ async fn ramp(mon: &Monitor, cg: &Cgroup, memhog: &Path) -> anyhow::Result<Optio
         );
     }
 
-    let target = (sizes.threshold.saturating_sub(base) + OVERSHOOT) / MIB;
+    // The workload stamps its own crossing: with swap off for this cgroup its anonymous memory
+    // can only grow, so non-reclaimable reaches the threshold exactly when the hog has touched
+    // what is missing now.
+    let missing = sizes.threshold.saturating_sub(cg.non_reclaimable()?);
+    let cross_at = hog.held_mib * MIB + missing;
+    let target = (cross_at + OVERSHOOT).div_ceil(MIB);
     let mark = mon.mark();
-    let watch = CrossingWatch::start(cg, sizes.threshold, Duration::from_millis(1));
-    hog.grow(target, 4, Duration::from_millis(20))?;
+    hog.grow_marked(target, 4, Duration::from_millis(20), cross_at)?;
     agent
         .wait_for_upscale_request(Duration::from_secs(60))
         .await?;
-    let received = Instant::now();
-    let received_boot = boottime_ns();
-    // If the daemon beat the watcher's poll, the crossing shows up right after.
-    let (crossed, reading) = watch
-        .crossing(Duration::from_secs(10))
-        .context("the watcher never saw the threshold crossed")?;
-    let reaction_ms = if received >= crossed {
-        (received - crossed).as_secs_f64() * 1e3
-    } else {
-        -((crossed - received).as_secs_f64() * 1e3)
-    };
+    let received_ns = boottime_ns();
+    let crossed_ns = hog
+        .wait_crossed(Duration::from_secs(30))
+        .context("the workload never reached the threshold")?;
+    let ms = |later: u64, earlier: u64| (later as f64 - earlier as f64) / 1e6;
     let decision = mon.wait_for_decision(mark, "upscale_requested", Duration::from_secs(10))?;
-    let trigger = decision["input"].as_str().unwrap_or_default().to_string();
+    let trigger = decision["detail"]
+        .as_str()
+        .or(decision["input"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let reading = decision["reading"].as_u64().unwrap_or(0);
     let at = &decision["at"];
     let decided_ns = at["secs"].as_u64().context("decision without at.secs")? * 1_000_000_000
         + at["nanos"].as_u64().context("decision without at.nanos")?;
-    let event_to_frame_ms = (received_boot as f64 - decided_ns as f64) / 1e6;
 
     // Grant, as the agent would, so memory.high lifts and the hog finishes unthrottled.
     agent.upscale_to(cu(2), Duration::from_secs(20)).await?;
@@ -306,8 +337,9 @@ async fn ramp(mon: &Monitor, cg: &Cgroup, memhog: &Path) -> anyhow::Result<Optio
     drop(hog);
     agent.close().await?;
     Ok(Some(Ramp {
-        reaction_ms,
-        event_to_frame_ms,
+        reaction_ms: ms(received_ns, crossed_ns),
+        crossing_to_event_ms: ms(decided_ns, crossed_ns),
+        event_to_frame_ms: ms(received_ns, decided_ns),
         reading,
         early,
         trigger,
@@ -343,60 +375,290 @@ async fn idle(cg: &Cgroup, tier: &str, span: Duration) -> anyhow::Result<Idle> {
     let agent = connect_agent(cfg).await?;
     tokio::time::sleep(SETTLE).await;
     let pid = mon.pid();
-    let (sw0, cpu0) = (switches(pid)?, cpu_ticks(pid)?);
+    let before = ProcSample::read(pid)?;
     let t0 = Instant::now();
     tokio::time::sleep(span).await;
-    let (sw1, cpu1) = (switches(pid)?, cpu_ticks(pid)?);
+    let after = ProcSample::read(pid)?;
     let secs = t0.elapsed().as_secs_f64();
-    let rss_kib = status_field(&format!("/proc/{pid}/status"), "VmRSS:")?;
-    // Threads started meanwhile count from zero; none should exit while idle.
-    let switches: u64 = sw1
-        .iter()
-        .map(|(tid, n)| n.saturating_sub(sw0.get(tid).copied().unwrap_or(0)))
-        .sum();
-    // SAFETY: sysconf only reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     agent.close().await?;
     ensure!(mon.terminate()?.success(), "{tier}: daemon exit failed");
     Ok(Idle {
         secs,
-        switches,
-        cpu_ms: (cpu1.saturating_sub(cpu0)) as f64 * 1e3 / hz,
-        rss_kib,
+        switches: after.switches_since(&before),
+        cpu_ms: after.cpu_ms_since(&before),
+        rss_kib: after.rss_kib,
     })
 }
 
-fn status_field(path: &str, key: &str) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no {key} in {path}"))
+// ---------------------------------------------------------------------------------------------
+// Overhead on a reclaim-heavy workload
+
+/// memory.high for the overhead and storm workloads: far below what they touch.
+const WORKLOAD_HIGH: &str = "64M";
+/// Anonymous churn per overhead run: this much touched and freed, this many times.
+const OVERHEAD_ANON_MIB: u64 = 128;
+const OVERHEAD_ROUNDS: u64 = 2;
+/// Page-cache part of an overhead run: one read of a file this large.
+const OVERHEAD_FILE_MIB: u64 = 192;
+
+/// The fixed amount of reclaim-heavy work whose duration is compared.
+struct Workload<'a> {
+    cg: &'a Cgroup,
+    memhog: &'a Path,
+    fs: Ext4Scratch,
+    file: PathBuf,
 }
 
-/// Voluntary context switches per thread.
-fn switches(pid: u32) -> anyhow::Result<std::collections::BTreeMap<u64, u64>> {
-    let mut out = std::collections::BTreeMap::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let e = e?;
-        let Ok(tid) = e.file_name().to_string_lossy().parse::<u64>() else {
-            continue;
+impl<'a> Workload<'a> {
+    fn prepare(cg: &'a Cgroup, memhog: &'a Path) -> anyhow::Result<Workload<'a>> {
+        // Swap allowed (zram), or anonymous memory above memory.high could not be reclaimed.
+        cg.write("memory.swap.max", "max")?;
+        cg.write("memory.high", WORKLOAD_HIGH)?;
+        let fs = Ext4Scratch::mount(OVERHEAD_FILE_MIB + 64)?;
+        let file = fs.sparse_file("churn", OVERHEAD_FILE_MIB * MIB)?;
+        Ok(Workload {
+            cg,
+            memhog,
+            fs,
+            file,
+        })
+    }
+
+    fn run(&self) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        let mut hog = MemHog::start(self.cg, self.memhog)?;
+        hog.churn(OVERHEAD_ANON_MIB, OVERHEAD_ROUNDS, 0.0)?;
+        hog.wait_churned(Duration::from_secs(600))?;
+        drop(hog);
+        self.fs.read_in(self.cg, &self.file)?;
+        Ok(t0.elapsed())
+    }
+}
+
+impl Drop for Workload<'_> {
+    fn drop(&mut self) {
+        let _ = self.cg.write("memory.high", "max");
+        let _ = self.cg.write("memory.swap.max", "0");
+    }
+}
+
+/// The ebpf daemon attached to the workload's cgroup, leaving its memory.high alone (the
+/// workload needs a fixed one) and with no agent: it consumes events and reads memory.stat
+/// on each burst, as in production.
+fn attach(cg: &Cgroup, extra: &[&str]) -> anyhow::Result<Monitor> {
+    let mut opts = MonitorOptions::new("ebpf", None);
+    opts.extra = ["--no-memory-high"]
+        .iter()
+        .chain(extra)
+        .map(|s| (*s).to_string())
+        .collect();
+    Monitor::start(cg, &opts)
+}
+
+async fn overhead(
+    out: &CsvDir,
+    cg: &Cgroup,
+    memhog: &Path,
+    kernel: &str,
+    pairs: u64,
+) -> anyhow::Result<()> {
+    let work = Workload::prepare(cg, memhog)?;
+    // One unmeasured run: first faults of the binaries, zram and ext4 warm-up.
+    let warm = work.run()?;
+    eprintln!(
+        "bench: {kernel} overhead warm-up run: {:.2} s",
+        warm.as_secs_f64()
+    );
+    for pair in 0..pairs {
+        // Alternate which mode goes first, so a drift within a pair cancels out over pairs.
+        let order: [bool; 2] = if pair % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
         };
-        let path = e.path().join("status");
-        if let Ok(n) = status_field(&path.to_string_lossy(), "voluntary_ctxt_switches:") {
-            out.insert(tid, n);
+        for attached in order {
+            let (elapsed, daemon_cpu_ms) = if attached {
+                let mut mon = attach(cg, &[])?;
+                let before = ProcSample::read(mon.pid())?;
+                let elapsed = work.run()?;
+                let after = ProcSample::read(mon.pid())?;
+                ensure!(mon.terminate()?.success(), "daemon exit failed");
+                (elapsed, after.cpu_ms_since(&before))
+            } else {
+                (work.run()?, 0.0)
+            };
+            let mode = if attached { "attached" } else { "detached" };
+            eprintln!(
+                "bench: {kernel} overhead pair {} {mode}: {:.3} s",
+                pair + 1,
+                elapsed.as_secs_f64()
+            );
+            out.append(
+                "overhead.csv",
+                "kernel,pair,mode,seconds,daemon_cpu_ms",
+                &format!(
+                    "{kernel},{},{mode},{:.4},{daemon_cpu_ms:.1}",
+                    pair + 1,
+                    elapsed.as_secs_f64()
+                ),
+            )?;
         }
     }
-    Ok(out)
+    bpf_cost(out, &work, kernel).await
 }
 
-/// utime + stime of the whole process, clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces) start at field 3.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11).context("no utime")?.parse()?;
-    let stime: u64 = f.get(12).context("no stime")?.parse()?;
-    Ok(utime + stime)
+const JIT_SYSCTL: &str = "/proc/sys/net/core/bpf_jit_enable";
+
+/// The programs' own cost per run, JIT on and off: one workload run each with `--bpf-stats`.
+/// The JIT mode applies when a program is loaded, so the daemon starts after the switch.
+async fn bpf_cost(out: &CsvDir, work: &Workload<'_>, kernel: &str) -> anyhow::Result<()> {
+    let original = std::fs::read_to_string(JIT_SYSCTL)
+        .with_context(|| format!("reading {JIT_SYSCTL}"))?
+        .trim()
+        .to_string();
+    let result = async {
+        for (jit, value) in [("on", "1"), ("off", "0")] {
+            if let Err(err) = std::fs::write(JIT_SYSCTL, value) {
+                // e.g. CONFIG_BPF_JIT_ALWAYS_ON refuses 0.
+                eprintln!("bench: {kernel}: cannot set bpf_jit_enable={value}: {err}; skipped");
+                continue;
+            }
+            let mut mon = attach(work.cg, &["--bpf-stats"])?;
+            work.run()?;
+            let page = MetricsPage::scrape(mon.addr).await?;
+            ensure!(mon.terminate()?.success(), "daemon exit failed");
+            let runs = page.by_label("vm_monitor_ebpf_program_runs_total", "program");
+            let time = page.by_label("vm_monitor_ebpf_program_run_time_seconds_total", "program");
+            ensure!(
+                !runs.is_empty(),
+                "no program statistics in /metrics with --bpf-stats"
+            );
+            for (program, n) in &runs {
+                let ns = time.get(program).copied().unwrap_or(0.0) * 1e9;
+                out.append(
+                    "bpf-cost.csv",
+                    "kernel,jit,program,runs,run_time_ns,variant",
+                    &format!("{kernel},{jit},{program},{n},{ns:.0},overhead"),
+                )?;
+            }
+            let (n, ns): (f64, f64) = runs
+                .iter()
+                .map(|(p, n)| (*n, time.get(p).copied().unwrap_or(0.0) * 1e9))
+                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+            eprintln!(
+                "bench: {kernel} bpf cost, JIT {jit}: {n} runs, {:.0} ns per run",
+                ns / n.max(1.0)
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = std::fs::write(JIT_SYSCTL, &original);
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event storm
+
+/// Each storm task touches and frees this much, over and over.
+const STORM_TASK_MIB: u64 = 48;
+
+async fn storm(
+    out: &CsvDir,
+    cg: &Cgroup,
+    memhog: &Path,
+    kernel: &str,
+    variant: &str,
+    tasks: u64,
+    secs: u64,
+) -> anyhow::Result<()> {
+    let coalesce = match variant {
+        "ebpf" => "10",
+        "ebpf-c0" => "0",
+        other => anyhow::bail!("unknown storm variant {other}"),
+    };
+    cg.write("memory.swap.max", "max")?;
+    cg.write("memory.high", WORKLOAD_HIGH)?;
+    let result = async {
+        let mut mon = attach(cg, &["--coalesce-ms", coalesce])?;
+        let pid = mon.pid();
+        let mut hogs = Vec::new();
+        for _ in 0..tasks {
+            hogs.push(MemHog::start(cg, memhog)?);
+        }
+        let m0 = MetricsPage::scrape(mon.addr).await?;
+        let p0 = ProcSample::read(pid)?;
+        let t0 = Instant::now();
+        for h in &mut hogs {
+            h.churn(STORM_TASK_MIB, 0, secs as f64)?;
+        }
+        let mut rss = Vec::new();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let p = ProcSample::read(pid)?;
+            rss.push((t0.elapsed().as_secs_f64(), p.rss_kib));
+        }
+        let mut rounds = 0;
+        for h in &mut hogs {
+            rounds += h.wait_churned(Duration::from_secs(secs + 300))?;
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        // Let the daemon drain what was committed before the counters are compared.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let m1 = MetricsPage::scrape(mon.addr).await?;
+        let p1 = ProcSample::read(pid)?;
+        drop(hogs);
+        ensure!(mon.terminate()?.success(), "daemon exit failed");
+
+        let delta = |name: &str| m1.sum(name) - m0.sum(name);
+        let kernel_kinds = |page: &MetricsPage, name: &str| -> f64 {
+            // Delivered records of kernel kinds only (the engine also counts its own readings
+            // under other kinds on other tiers).
+            page.by_label(name, "kind")
+                .iter()
+                .filter(|(k, _)| monitor_kind(k))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let delivered = kernel_kinds(&m1, "vm_monitor_pressure_records_total")
+            - kernel_kinds(&m0, "vm_monitor_pressure_records_total");
+        let peak = rss.iter().map(|r| r.1).max().unwrap_or(p1.rss_kib);
+        let first = rss.first().map_or(p0.rss_kib, |r| r.1);
+        for (t, kib) in &rss {
+            out.append(
+                "storm-rss.csv",
+                "kernel,variant,t_s,rss_kib",
+                &format!("{kernel},{variant},{t:.1},{kib}"),
+            )?;
+        }
+        let row = format!(
+            "{kernel},{variant},{tasks},{elapsed:.2},{rounds},{},{},{},{},{delivered},{:.1},{},{},{},{},{}",
+            delta("vm_monitor_ebpf_events_seen_total"),
+            delta("vm_monitor_ebpf_records_emitted_total"),
+            delta("vm_monitor_ebpf_events_coalesced_total"),
+            delta("vm_monitor_ebpf_records_dropped_total"),
+            p1.cpu_ms_since(&p0),
+            p0.rss_kib,
+            first,
+            p1.rss_kib,
+            peak,
+            p1.hwm_kib,
+        );
+        eprintln!("bench: {kernel} storm {variant}: {row}");
+        out.append(
+            "storm.csv",
+            "kernel,variant,tasks,seconds,rounds,seen,emitted,coalesced,dropped,delivered,daemon_cpu_ms,rss_before_kib,rss_first_kib,rss_end_kib,rss_peak_kib,hwm_kib",
+            &row,
+        )?;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = cg.write("memory.high", "max");
+    let _ = cg.write("memory.swap.max", "0");
+    result
+}
+
+/// Whether a `kind` label of `vm_monitor_pressure_records_total` is a kernel (eBPF) kind.
+fn monitor_kind(kind: &str) -> bool {
+    !matches!(kind, "psi_trigger" | "memory_events" | "polled_sample")
 }

@@ -2,9 +2,15 @@
 //! cgroup under test, it touches memory in steps and holds or frees it on command.
 //!
 //! Commands, one per line on stdin:
-//! - `grow TOTAL_MIB STEP_MIB INTERVAL_MS`: touch memory until TOTAL_MIB are held, STEP_MIB at a
-//!   time with INTERVAL_MS between steps; prints `progress N` after each step, `held N` at the end;
+//! - `grow TOTAL_MIB STEP_MIB INTERVAL_MS [MARK_BYTES]`: touch memory until TOTAL_MIB are held,
+//!   STEP_MIB at a time with INTERVAL_MS between steps; prints `progress N` after each step,
+//!   `held N` at the end. With MARK_BYTES, the page fault that brings the held memory to
+//!   MARK_BYTES is timestamped (CLOCK_BOOTTIME) and `crossed NS` printed after its step: the
+//!   workload's own, poll-free stamp of a threshold crossing;
 //! - `free`: release everything (munmap, so the cgroup's anon memory really drops); prints `held 0`;
+//! - `churn TOTAL_MIB ROUNDS SECS`: touch TOTAL_MIB then free it, over and over, until ROUNDS
+//!   rounds are done or SECS seconds passed (0 = no limit of that kind); prints `churned N` (the
+//!   benchmarks' fixed-work and fixed-time reclaim workloads);
 //! - `exit` (or end of input).
 
 use std::io::{BufRead as _, Write as _};
@@ -31,25 +37,40 @@ impl Held {
         }
     }
 
-    /// Touches `n` more bytes (whole pages).
-    fn touch(&mut self, mut n: usize) {
+    /// Touches `n` more bytes (whole pages), stamping the moment `mark` bytes are held.
+    fn touch(&mut self, mut n: usize, mark: &mut Mark) {
         while n > 0 {
             if self.chunks.is_empty() || self.last_touched == CHUNK {
                 // Zeroed allocation of this size is a fresh mmap: nothing is touched yet.
                 self.chunks.push(vec![0u8; CHUNK]);
                 self.last_touched = 0;
             }
+            // Bytes held in the chunks before this one.
+            let before = (self.chunks.len() - 1) * CHUNK;
             let chunk = self.chunks.last_mut().expect("just pushed");
             let end = (self.last_touched + n).min(CHUNK);
             for i in (self.last_touched..end).step_by(PAGE) {
                 // Volatile, so the page fault really happens.
                 // SAFETY: `i` is within the chunk.
                 unsafe { std::ptr::write_volatile(chunk.as_mut_ptr().add(i), 1) };
+                if let Mark::Armed(at) = *mark
+                    && before + i + PAGE >= at
+                {
+                    *mark = Mark::Crossed(tests::scenario::boottime_ns());
+                }
             }
             n -= end - self.last_touched;
             self.last_touched = end;
         }
     }
+}
+
+/// A threshold to timestamp: armed with a byte count, then the time it was reached.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mark {
+    None,
+    Armed(usize),
+    Crossed(u64),
 }
 
 fn main() {
@@ -68,7 +89,7 @@ fn main() {
         let Ok(line) = line else { break };
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
-            ["grow", total, step, interval] => {
+            ["grow", total, step, interval, rest @ ..] if rest.len() <= 1 => {
                 let (Ok(total), Ok(step), Ok(interval)) = (
                     total.parse::<usize>(),
                     step.parse::<usize>(),
@@ -77,10 +98,22 @@ fn main() {
                     say(format!("error bad grow command {line:?}"));
                     continue;
                 };
+                let mut mark = match rest.first().map(|m| m.parse::<usize>()) {
+                    None => Mark::None,
+                    Some(Ok(bytes)) => Mark::Armed(bytes),
+                    Some(Err(_)) => {
+                        say(format!("error bad grow mark {line:?}"));
+                        continue;
+                    }
+                };
                 let want = total * MIB;
                 while held.bytes() < want {
                     let n = (step.max(1) * MIB).min(want - held.bytes());
-                    held.touch(n);
+                    held.touch(n, &mut mark);
+                    if let Mark::Crossed(ns) = mark {
+                        say(format!("crossed {ns}"));
+                        mark = Mark::None;
+                    }
                     say(format!("progress {}", held.bytes() / MIB));
                     if held.bytes() < want {
                         std::thread::sleep(Duration::from_millis(interval));
@@ -92,6 +125,33 @@ fn main() {
                 held.chunks = Vec::new();
                 held.last_touched = 0;
                 say("held 0".to_string());
+            }
+            ["churn", total, rounds, secs] => {
+                let (Ok(total), Ok(rounds), Ok(secs)) = (
+                    total.parse::<usize>(),
+                    rounds.parse::<u64>(),
+                    secs.parse::<f64>(),
+                ) else {
+                    say(format!("error bad churn command {line:?}"));
+                    continue;
+                };
+                held.chunks = Vec::new();
+                held.last_touched = 0;
+                let started = std::time::Instant::now();
+                let mut done = 0u64;
+                loop {
+                    if rounds > 0 && done >= rounds {
+                        break;
+                    }
+                    if secs > 0.0 && started.elapsed().as_secs_f64() >= secs {
+                        break;
+                    }
+                    held.touch(total * MIB, &mut Mark::None);
+                    held.chunks = Vec::new();
+                    held.last_touched = 0;
+                    done += 1;
+                }
+                say(format!("churned {done}"));
             }
             ["exit"] => break,
             [] => {}

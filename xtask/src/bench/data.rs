@@ -1,0 +1,514 @@
+//! The drivers' raw samples (CSV) and the statistics over them.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// Tiers in report order.
+pub const TIERS: [&str; 3] = ["ebpf", "psi", "poll"];
+
+#[derive(Clone, Debug, Default)]
+pub struct IdleSample {
+    pub secs: f64,
+    pub switches: f64,
+    pub cpu_ms: f64,
+    pub rss_kib: f64,
+}
+
+impl IdleSample {
+    pub fn wakeups_per_s(&self) -> f64 {
+        self.switches / self.secs.max(f64::MIN_POSITIVE)
+    }
+    pub fn cpu_ms_per_s(&self) -> f64 {
+        self.cpu_ms / self.secs.max(f64::MIN_POSITIVE)
+    }
+}
+
+/// One timed run of the overhead workload.
+#[derive(Clone, Debug)]
+pub struct OverheadRun {
+    pub pair: u64,
+    pub attached: bool,
+    pub secs: f64,
+    pub daemon_cpu_ms: f64,
+}
+
+/// Run statistics of one program in one JIT mode.
+#[derive(Clone, Debug)]
+pub struct ProgramCost {
+    pub jit: String,
+    pub program: String,
+    pub runs: f64,
+    pub run_time_ns: f64,
+    /// The workload it was measured on (`overhead`, or a storm variant on the host).
+    pub variant: String,
+}
+
+/// One event-storm run.
+#[derive(Clone, Debug)]
+pub struct StormRun {
+    pub variant: String,
+    pub tasks: u64,
+    pub secs: f64,
+    pub seen: f64,
+    pub emitted: f64,
+    pub coalesced: f64,
+    pub dropped: f64,
+    pub delivered: f64,
+    pub daemon_cpu_ms: f64,
+    pub rss_first_kib: f64,
+    pub rss_end_kib: f64,
+    pub rss_peak_kib: f64,
+}
+
+impl StormRun {
+    pub fn cpu_pct(&self) -> f64 {
+        self.daemon_cpu_ms / 10.0 / self.secs.max(f64::MIN_POSITIVE)
+    }
+    /// Every hit is accounted for: seen = emitted + coalesced + dropped and every emitted
+    /// record reached the consumer.
+    pub fn accounted(&self) -> bool {
+        self.seen == self.emitted + self.coalesced + self.dropped && self.delivered == self.emitted
+    }
+    /// RSS growth over the storm (peak above the first sample), KiB.
+    pub fn rss_growth_kib(&self) -> f64 {
+        self.rss_peak_kib - self.rss_first_kib
+    }
+}
+
+/// Host start-up: exec → programs attached (`trace`), exec → daemon listening.
+#[derive(Clone, Debug)]
+pub struct HostStart {
+    pub trace_attached_ms: f64,
+    pub daemon_listening_ms: f64,
+}
+
+/// Everything measured on one kernel: a VM kernel line (`6.1`, `6.12`) or `host`.
+pub struct KernelData {
+    pub label: String,
+    pub meta: BTreeMap<String, String>,
+    /// Reaction latency samples (ms) per tier.
+    pub latency: BTreeMap<String, Vec<f64>>,
+    /// The daemon's share per tier: triggering event (or poll sample) → frame at the agent.
+    pub event_to_frame: BTreeMap<String, Vec<f64>>,
+    /// The kernel's (or poll period's) share per tier: crossing → triggering event.
+    pub crossing_to_event: BTreeMap<String, Vec<f64>>,
+    /// Requests that came before the measured ramp, per tier.
+    pub early: BTreeMap<String, u64>,
+    pub idle: BTreeMap<String, IdleSample>,
+    pub startup_ms: BTreeMap<String, Vec<f64>>,
+    pub overhead: Vec<OverheadRun>,
+    pub bpf_cost: Vec<ProgramCost>,
+    pub storm: Vec<StormRun>,
+    pub host_start: Vec<HostStart>,
+}
+
+impl KernelData {
+    pub fn is_host(&self) -> bool {
+        self.label == "host"
+    }
+
+    /// The standard tiers, then any variant measured (e.g. `ebpf-c0`).
+    pub fn tiers(&self) -> Vec<String> {
+        let mut t: Vec<String> = TIERS.iter().map(|s| (*s).to_owned()).collect();
+        t.extend(
+            self.latency
+                .keys()
+                .filter(|k| !TIERS.contains(&k.as_str()))
+                .cloned(),
+        );
+        t
+    }
+
+    pub fn load(label: &str, dir: &Path) -> Result<KernelData> {
+        let meta = fs::read_to_string(dir.join("meta.txt"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let mut data = KernelData {
+            label: label.to_owned(),
+            meta,
+            latency: BTreeMap::new(),
+            event_to_frame: BTreeMap::new(),
+            crossing_to_event: BTreeMap::new(),
+            early: BTreeMap::new(),
+            idle: BTreeMap::new(),
+            startup_ms: BTreeMap::new(),
+            overhead: Vec::new(),
+            bpf_cost: Vec::new(),
+            storm: Vec::new(),
+            host_start: Vec::new(),
+        };
+        for row in read_csv(&dir.join("latency.csv"))? {
+            let tier = field(&row, "tier")?.to_owned();
+            let ms: f64 = num(&row, "reaction_ms")?;
+            let early: u64 = field(&row, "early_requests")?.parse()?;
+            let e2f: f64 = num(&row, "event_to_frame_ms")?;
+            data.latency.entry(tier.clone()).or_default().push(ms);
+            data.event_to_frame
+                .entry(tier.clone())
+                .or_default()
+                .push(e2f);
+            data.crossing_to_event
+                .entry(tier.clone())
+                .or_default()
+                .push(num(&row, "crossing_to_event_ms")?);
+            *data.early.entry(tier).or_default() += early;
+        }
+        for row in read_csv(&dir.join("idle.csv"))? {
+            data.idle.insert(
+                field(&row, "tier")?.to_owned(),
+                IdleSample {
+                    secs: num(&row, "seconds")?,
+                    switches: num(&row, "voluntary_switches")?,
+                    cpu_ms: num(&row, "cpu_ms")?,
+                    rss_kib: num(&row, "rss_kib")?,
+                },
+            );
+        }
+        for row in read_csv(&dir.join("startup.csv"))? {
+            let tier = field(&row, "tier")?.to_owned();
+            let ms = num(&row, "startup_ms")?;
+            data.startup_ms.entry(tier).or_default().push(ms);
+        }
+        for row in read_csv(&dir.join("overhead.csv"))? {
+            data.overhead.push(OverheadRun {
+                pair: field(&row, "pair")?.parse()?,
+                attached: field(&row, "mode")? == "attached",
+                secs: num(&row, "seconds")?,
+                daemon_cpu_ms: num(&row, "daemon_cpu_ms")?,
+            });
+        }
+        for row in read_csv(&dir.join("bpf-cost.csv"))? {
+            data.bpf_cost.push(ProgramCost {
+                jit: field(&row, "jit")?.to_owned(),
+                program: field(&row, "program")?.to_owned(),
+                runs: num(&row, "runs")?,
+                run_time_ns: num(&row, "run_time_ns")?,
+                variant: field(&row, "variant")?.to_owned(),
+            });
+        }
+        for row in read_csv(&dir.join("storm.csv"))? {
+            data.storm.push(StormRun {
+                variant: field(&row, "variant")?.to_owned(),
+                tasks: field(&row, "tasks")?.parse()?,
+                secs: num(&row, "seconds")?,
+                seen: num(&row, "seen")?,
+                emitted: num(&row, "emitted")?,
+                coalesced: num(&row, "coalesced")?,
+                dropped: num(&row, "dropped")?,
+                delivered: num(&row, "delivered")?,
+                daemon_cpu_ms: num(&row, "daemon_cpu_ms")?,
+                rss_first_kib: num(&row, "rss_first_kib")?,
+                rss_end_kib: num(&row, "rss_end_kib")?,
+                rss_peak_kib: num(&row, "rss_peak_kib")?,
+            });
+        }
+        for row in read_csv(&dir.join("host-startup.csv"))? {
+            data.host_start.push(HostStart {
+                trace_attached_ms: num(&row, "trace_attached_ms")?,
+                daemon_listening_ms: num(&row, "daemon_listening_ms")?,
+            });
+        }
+        Ok(data)
+    }
+
+    pub fn stats(&self, tier: &str) -> Option<Stats> {
+        Stats::of(self.latency.get(tier)?)
+    }
+
+    pub fn e2f_stats(&self, tier: &str) -> Option<Stats> {
+        Stats::of(self.event_to_frame.get(tier)?)
+    }
+
+    pub fn c2e_stats(&self, tier: &str) -> Option<Stats> {
+        Stats::of(self.crossing_to_event.get(tier)?)
+    }
+
+    /// Slowdown of each pair in %: attached ÷ detached − 1 (pairs measured side by side, so a
+    /// drift of the machine between pairs cancels out).
+    pub fn pair_slowdowns_pct(&self) -> Vec<f64> {
+        let mut pairs: BTreeMap<u64, (Option<f64>, Option<f64>)> = BTreeMap::new();
+        for r in &self.overhead {
+            let e = pairs.entry(r.pair).or_default();
+            if r.attached {
+                e.1 = Some(r.secs);
+            } else {
+                e.0 = Some(r.secs);
+            }
+        }
+        pairs
+            .values()
+            .filter_map(|(d, a)| Some((a.as_ref()? / d.as_ref()? - 1.0) * 100.0))
+            .collect()
+    }
+
+    pub fn overhead_secs(&self, attached: bool) -> Vec<f64> {
+        self.overhead
+            .iter()
+            .filter(|r| r.attached == attached)
+            .map(|r| r.secs)
+            .collect()
+    }
+
+    /// JIT modes measured, with the total runs and the mean cost per run over all programs,
+    /// for the first workload measured in that mode.
+    pub fn cost_per_run(&self) -> Vec<CostSummary> {
+        let mut out: Vec<CostSummary> = Vec::new();
+        for c in &self.bpf_cost {
+            let key = (c.jit.clone(), c.variant.clone());
+            match out
+                .iter_mut()
+                .find(|s| (s.jit.clone(), s.variant.clone()) == key)
+            {
+                Some(s) => {
+                    s.runs += c.runs;
+                    s.run_time_ns += c.run_time_ns;
+                }
+                None => out.push(CostSummary {
+                    jit: c.jit.clone(),
+                    variant: c.variant.clone(),
+                    runs: c.runs,
+                    run_time_ns: c.run_time_ns,
+                }),
+            }
+        }
+        out
+    }
+}
+
+/// All programs' cost in one JIT mode on one workload.
+#[derive(Clone, Debug)]
+pub struct CostSummary {
+    pub jit: String,
+    pub variant: String,
+    pub runs: f64,
+    pub run_time_ns: f64,
+}
+
+impl CostSummary {
+    pub fn ns_per_run(&self) -> Option<f64> {
+        (self.runs > 0.0).then(|| self.run_time_ns / self.runs)
+    }
+}
+
+type Row = BTreeMap<String, String>;
+
+/// Rows of a CSV written by a driver (no embedded commas except in the quoted last field);
+/// none if the file is absent (that part was not run).
+fn read_csv(path: &Path) -> Result<Vec<Row>> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(Vec::new());
+    };
+    Ok(parse_csv(&text))
+}
+
+fn parse_csv(text: &str) -> Vec<Row> {
+    let mut lines = text.lines();
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let names: Vec<&str> = header.split(',').collect();
+    lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            // The last column may be a quoted string with commas: split only as often as needed.
+            let values = l.splitn(names.len(), ',');
+            names
+                .iter()
+                .zip(values)
+                .map(|(n, v)| ((*n).to_owned(), v.trim_matches('"').to_owned()))
+                .collect()
+        })
+        .collect()
+}
+
+fn field<'a>(row: &'a Row, name: &str) -> Result<&'a str> {
+    row.get(name)
+        .map(String::as_str)
+        .with_context(|| format!("CSV row without {name}: {row:?}"))
+}
+
+fn num(row: &Row, name: &str) -> Result<f64> {
+    let v = field(row, name)?;
+    v.parse()
+        .with_context(|| format!("{name} = {v:?} is not a number"))
+}
+
+/// Percentile `p` (0..=100) by linear interpolation between closest ranks; `None` if empty.
+pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+    let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = (p.clamp(0.0, 100.0) / 100.0) * (v.len() - 1) as f64;
+    let lo = rank.floor() as usize;
+    let hi = rank.ceil() as usize;
+    Some(v[lo] + (v[hi] - v[lo]) * (rank - lo as f64))
+}
+
+/// `a ÷ b`, `None` when undefined. `b` is clamped to 1 ms (the resolution these latencies are
+/// reported with) so a tiny or negative divisor gives a lower bound instead of exploding.
+pub fn ratio(a: f64, b: f64) -> Option<f64> {
+    const FLOOR_MS: f64 = 1.0;
+    (a.is_finite() && b.is_finite()).then(|| a / b.max(FLOOR_MS))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stats {
+    pub n: usize,
+    pub min: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(samples: &[f64]) -> Option<Stats> {
+        Some(Stats {
+            n: samples.len(),
+            min: percentile(samples, 0.0)?,
+            p50: percentile(samples, 50.0)?,
+            p90: percentile(samples, 90.0)?,
+            max: percentile(samples, 100.0)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_between_ranks() {
+        let v = [5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(percentile(&v, 0.0), Some(1.0));
+        assert_eq!(percentile(&v, 50.0), Some(3.0));
+        assert_eq!(percentile(&v, 100.0), Some(5.0));
+        assert_eq!(percentile(&v, 90.0), Some(4.6));
+        assert_eq!(percentile(&[1.0, 2.0], 50.0), Some(1.5));
+        assert_eq!(percentile(&[7.0], 90.0), Some(7.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[f64::NAN, 2.0], 50.0), Some(2.0));
+    }
+
+    #[test]
+    fn ratios_clamp_the_divisor_to_a_millisecond() {
+        assert_eq!(ratio(100.0, 2.0), Some(50.0));
+        assert_eq!(ratio(100.0, 0.25), Some(100.0));
+        assert_eq!(ratio(100.0, -3.0), Some(100.0));
+        assert_eq!(ratio(f64::NAN, 2.0), None);
+    }
+
+    #[test]
+    fn stats_of_samples() {
+        let s = Stats::of(&[10.0, 20.0, 30.0]).unwrap();
+        assert_eq!((s.n, s.min, s.p50, s.max), (3, 10.0, 20.0, 30.0));
+        assert!(Stats::of(&[]).is_none());
+    }
+
+    #[test]
+    fn csv_keeps_commas_in_the_quoted_last_field() {
+        let rows = parse_csv("a,b,c\n1,2,\"x, y\"\n\n");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["c"], "x, y");
+        assert_eq!(rows[0]["a"], "1");
+    }
+
+    #[test]
+    fn idle_rates() {
+        let i = IdleSample {
+            secs: 10.0,
+            switches: 2.0,
+            cpu_ms: 5.0,
+            rss_kib: 0.0,
+        };
+        assert_eq!(i.wakeups_per_s(), 0.2);
+        assert_eq!(i.cpu_ms_per_s(), 0.5);
+    }
+
+    fn data_with(overhead: Vec<OverheadRun>) -> KernelData {
+        let mut d = KernelData::load("6.12", Path::new("/nonexistent")).unwrap();
+        d.overhead = overhead;
+        d
+    }
+
+    #[test]
+    fn slowdowns_pair_attached_with_detached_runs_of_the_same_pair() {
+        let run = |pair, attached, secs| OverheadRun {
+            pair,
+            attached,
+            secs,
+            daemon_cpu_ms: 0.0,
+        };
+        let d = data_with(vec![
+            run(1, false, 10.0),
+            run(1, true, 10.5),
+            run(2, true, 20.0),
+            run(2, false, 20.0),
+            // An incomplete pair (the run was cut short) is left out.
+            run(3, false, 9.0),
+        ]);
+        let s = d.pair_slowdowns_pct();
+        assert_eq!(s.len(), 2);
+        assert!((s[0] - 5.0).abs() < 1e-9, "{s:?}");
+        assert!(s[1].abs() < 1e-9, "{s:?}");
+    }
+
+    #[test]
+    fn cost_per_run_sums_programs_per_jit_mode() {
+        let mut d = data_with(Vec::new());
+        let cost = |jit: &str, program: &str, runs, ns| ProgramCost {
+            jit: jit.into(),
+            program: program.into(),
+            runs,
+            run_time_ns: ns,
+            variant: "overhead".into(),
+        };
+        d.bpf_cost = vec![
+            cost("on", "a", 100.0, 10_000.0),
+            cost("on", "b", 100.0, 30_000.0),
+            cost("off", "a", 50.0, 25_000.0),
+            cost("off", "b", 0.0, 0.0),
+        ];
+        let c = d.cost_per_run();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].jit, "on");
+        assert_eq!(c[0].ns_per_run(), Some(200.0));
+        assert_eq!(c[1].ns_per_run(), Some(500.0));
+    }
+
+    #[test]
+    fn storm_accounting_needs_every_hit_and_record() {
+        let mut s = StormRun {
+            variant: "ebpf".into(),
+            tasks: 8,
+            secs: 10.0,
+            seen: 100.0,
+            emitted: 60.0,
+            coalesced: 30.0,
+            dropped: 10.0,
+            delivered: 60.0,
+            daemon_cpu_ms: 200.0,
+            rss_first_kib: 1000.0,
+            rss_end_kib: 1100.0,
+            rss_peak_kib: 1200.0,
+        };
+        assert!(s.accounted());
+        assert_eq!(s.cpu_pct(), 2.0);
+        assert_eq!(s.rss_growth_kib(), 200.0);
+        s.delivered = 59.0;
+        assert!(!s.accounted(), "a record lost between ring and consumer");
+        s.delivered = 60.0;
+        s.seen = 101.0;
+        assert!(
+            !s.accounted(),
+            "a hit neither emitted, coalesced nor dropped"
+        );
+    }
+}

@@ -1,0 +1,613 @@
+//! `target/bench/report.md` and `summary.json` from the loaded samples: every number with
+//! its spread, the ratios, and each target of issue 5 marked met / not met with the reason.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::data::{IdleSample, KernelData, Stats, percentile, ratio};
+
+/// Targets of issue 5.
+pub const LATENCY_RATIO_TARGET: f64 = 50.0;
+pub const IDLE_WAKEUPS_TARGET: f64 = 0.3;
+pub const OVERHEAD_PCT_TARGET: f64 = 2.0;
+pub const STORM_CPU_PCT_TARGET: f64 = 5.0;
+/// "RSS stays flat": the storm's peak at most this far above its first sample.
+pub const STORM_RSS_GROWTH_KIB: f64 = 2048.0;
+pub const IDLE_RSS_MIB_TARGET: f64 = 20.0;
+/// The fake agent's health-check period (the real agent's default).
+const HEALTH_INTERVAL_S: f64 = 5.0;
+
+pub struct HostInfo {
+    pub release: String,
+    pub cpu: String,
+    pub cpus: usize,
+}
+
+impl HostInfo {
+    pub fn read() -> HostInfo {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        HostInfo {
+            release: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            cpu: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+                .unwrap_or_else(|| "unknown".into()),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        }
+    }
+}
+
+/// How the bench was run, for the report's header.
+pub struct RunInfo {
+    pub command: String,
+    pub ramps: u64,
+    pub idle_secs: u64,
+    pub pairs: u64,
+    pub storm_secs: u64,
+    pub storm_tasks: u64,
+    pub took: Duration,
+}
+
+fn stats_json(s: Stats) -> Value {
+    json!({"n": s.n, "min": s.min, "p50": s.p50, "p90": s.p90, "max": s.max})
+}
+
+pub fn summary_json(runs: &[KernelData]) -> Value {
+    let mut root = serde_json::Map::new();
+    for d in runs {
+        let mut k = serde_json::Map::new();
+        if !d.is_host() {
+            for tier in d.tiers() {
+                let tier = tier.as_str();
+                let mut t = serde_json::Map::new();
+                if let Some(s) = d.stats(tier) {
+                    t.insert("latency_ms".into(), stats_json(s));
+                }
+                if let Some(s) = d.e2f_stats(tier) {
+                    t.insert("event_to_frame_ms".into(), stats_json(s));
+                }
+                if let Some(i) = d.idle.get(tier) {
+                    t.insert(
+                        "idle".into(),
+                        json!({
+                            "seconds": i.secs,
+                            "wakeups_per_s": i.wakeups_per_s(),
+                            "cpu_ms_per_s": i.cpu_ms_per_s(),
+                            "rss_kib": i.rss_kib,
+                        }),
+                    );
+                }
+                if let Some(p) = d.startup_ms.get(tier).and_then(|v| percentile(v, 50.0)) {
+                    t.insert("startup_ms_p50".into(), json!(p));
+                }
+                if !t.is_empty() {
+                    k.insert(tier.into(), Value::Object(t));
+                }
+            }
+            if let (Some(e), Some(p)) = (d.stats("ebpf"), d.stats("poll")) {
+                k.insert(
+                    "ratios".into(),
+                    json!({
+                        "poll_p50_over_ebpf_p50": ratio(p.p50, e.p50),
+                        "psi_p50_over_ebpf_p50": d.stats("psi").and_then(|s| ratio(s.p50, e.p50)),
+                    }),
+                );
+            }
+        }
+        if let Some(s) = Stats::of(&d.pair_slowdowns_pct()) {
+            k.insert(
+                "overhead".into(),
+                json!({
+                    "pairs": s.n,
+                    "slowdown_pct": stats_json(s),
+                    "detached_s_p50": percentile(&d.overhead_secs(false), 50.0),
+                    "attached_s_p50": percentile(&d.overhead_secs(true), 50.0),
+                }),
+            );
+        }
+        let costs = d.cost_per_run();
+        if !costs.is_empty() {
+            k.insert(
+                "bpf_cost".into(),
+                costs
+                    .iter()
+                    .map(|c| {
+                        (
+                            format!("jit_{}_{}", c.jit, c.variant),
+                            json!({"runs": c.runs, "ns_per_run": c.ns_per_run()}),
+                        )
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into(),
+            );
+        }
+        if !d.storm.is_empty() {
+            k.insert(
+                "storm".into(),
+                d.storm
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.variant.clone(),
+                            json!({
+                                "tasks": s.tasks,
+                                "seconds": s.secs,
+                                "events_per_s": s.seen / s.secs,
+                                "records_per_s": s.delivered / s.secs,
+                                "coalesced": s.coalesced,
+                                "dropped": s.dropped,
+                                "accounted": s.accounted(),
+                                "cpu_pct": s.cpu_pct(),
+                                "rss_first_kib": s.rss_first_kib,
+                                "rss_peak_kib": s.rss_peak_kib,
+                                "rss_end_kib": s.rss_end_kib,
+                            }),
+                        )
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into(),
+            );
+        }
+        if !d.host_start.is_empty() {
+            let attached: Vec<f64> = d.host_start.iter().map(|h| h.trace_attached_ms).collect();
+            let listening: Vec<f64> = d.host_start.iter().map(|h| h.daemon_listening_ms).collect();
+            k.insert(
+                "startup".into(),
+                json!({
+                    "programs_attached_ms": Stats::of(&attached).map(stats_json),
+                    "daemon_listening_ms": Stats::of(&listening).map(stats_json),
+                }),
+            );
+        }
+        root.insert(d.label.clone(), Value::Object(k));
+    }
+    Value::Object(root)
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+/// The headline table (Markdown): latency and idle cost per VM kernel and tier.
+pub fn summary_table(runs: &[KernelData]) -> String {
+    let mut t = String::new();
+    t.push_str(
+        "| kernel | tier | n | latency p50 ms | p90 ms | max ms | ÷ ebpf p50 | idle wakeups/s | idle CPU ms/s | RSS MiB |\n",
+    );
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for d in runs.iter().filter(|d| !d.is_host()) {
+        let ebpf = d.stats("ebpf");
+        for tier in d.tiers() {
+            let tier = tier.as_str();
+            let s = d.stats(tier);
+            let i = d.idle.get(tier);
+            if s.is_none() && i.is_none() {
+                continue;
+            }
+            let _ = writeln!(
+                t,
+                "| {} | {tier} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                d.label,
+                s.map_or(0, |s| s.n),
+                fmt_opt(s.map(|s| s.p50), 1),
+                fmt_opt(s.map(|s| s.p90), 1),
+                fmt_opt(s.map(|s| s.max), 1),
+                fmt_opt(s.zip(ebpf).and_then(|(s, e)| ratio(s.p50, e.p50)), 1),
+                fmt_opt(i.map(IdleSample::wakeups_per_s), 2),
+                fmt_opt(i.map(IdleSample::cpu_ms_per_s), 2),
+                fmt_opt(i.map(|i| i.rss_kib / 1024.0), 1),
+            );
+        }
+    }
+    t
+}
+
+/// Second headline table: overhead, program cost, storm, per kernel.
+pub fn cost_table(runs: &[KernelData]) -> String {
+    let mut t = String::new();
+    t.push_str("| kernel | workload slowdown p50 % (min … max) | program ns/run JIT on | JIT off | storm events/s → records/s | storm CPU % | storm RSS first → peak MiB | drops |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|\n");
+    for d in runs {
+        let slow = Stats::of(&d.pair_slowdowns_pct());
+        let costs = d.cost_per_run();
+        let cost = |jit: &str| {
+            costs
+                .iter()
+                .find(|c| c.jit == jit)
+                .and_then(|c| c.ns_per_run())
+        };
+        let storm = d.storm.iter().find(|s| s.variant == "ebpf");
+        if slow.is_none() && costs.is_empty() && storm.is_none() {
+            continue;
+        }
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            d.label,
+            slow.map_or("–".into(), |s| format!(
+                "{:+.2} ({:+.2} … {:+.2})",
+                s.p50, s.min, s.max
+            )),
+            fmt_opt(cost("on"), 0),
+            fmt_opt(cost("off"), 0),
+            storm.map_or("–".into(), |s| format!(
+                "{:.0} → {:.0}",
+                s.seen / s.secs,
+                s.delivered / s.secs
+            )),
+            fmt_opt(storm.map(|s| s.cpu_pct()), 2),
+            storm.map_or("–".into(), |s| format!(
+                "{:.1} → {:.1}",
+                s.rss_first_kib / 1024.0,
+                s.rss_peak_kib / 1024.0
+            )),
+            storm.map_or("–".into(), |s| format!("{:.0}", s.dropped)),
+        );
+    }
+    t
+}
+
+/// Why the latency ratio falls short: where the ebpf tier's time goes.
+fn ratio_reason(d: &KernelData) -> String {
+    let (Some(e), Some(c), Some(f)) = (d.stats("ebpf"), d.c2e_stats("ebpf"), d.e2f_stats("ebpf"))
+    else {
+        return String::new();
+    };
+    format!(
+        "; ebpf p50 {:.1} ms splits into crossing → the kernel event that triggered the decision p50 {:.1} ms (the kernel's share) and event → frame at the agent p50 {:.1} ms (the daemon's share: ring buffer wake-up, memory.stat read, decision, websocket write, all on the emulated CPU)",
+        e.p50, c.p50, f.p50
+    )
+}
+
+/// One target's verdict line.
+fn verdict(met: Option<bool>, what: &str, detail: &str) -> String {
+    let mark = match met {
+        Some(true) => "**met**",
+        Some(false) => "**not met**",
+        None => "**not measured**",
+    };
+    format!("- {mark}: {what} — {detail}\n")
+}
+
+pub fn report_md(runs: &[KernelData], host: &HostInfo, info: &RunInfo) -> String {
+    let mut r = String::new();
+    let _ = writeln!(r, "# vm-monitor benchmark\n");
+    let _ = writeln!(
+        r,
+        "Command: `{}`: {} ramps per tier per kernel (blocks of up to 5, tiers rotating between blocks, one VM boot per kernel), {} s idle per tier, {} overhead pairs, {} s storms with {} tasks; took {:.0} s. Release builds of `vm-monitor` and the drivers.\n",
+        info.command,
+        info.ramps,
+        info.idle_secs,
+        info.pairs,
+        info.storm_secs,
+        info.storm_tasks,
+        info.took.as_secs_f64()
+    );
+    let _ = writeln!(r, "## Machine\n");
+    let _ = writeln!(
+        r,
+        "- host: Linux {}, {} ({} CPUs)",
+        host.release, host.cpu, host.cpus
+    );
+    for d in runs {
+        let m = |k: &str| d.meta.get(k).cloned().unwrap_or_else(|| "?".into());
+        if d.is_host() {
+            let _ = writeln!(
+                r,
+                "- host kernel runs: Linux {}, bpf_jit_enable={} (left as the machine has it), cgroup v1 memory controller (so `vm-monitor trace` instead of the daemon, see Method)",
+                m("release"),
+                m("bpf_jit_enable")
+            );
+        } else {
+            let _ = writeln!(
+                r,
+                "- guest {}: Linux {}, {} vCPUs, {} MiB, bpf_jit_enable={} (switched off and back for the JIT-off cost run)",
+                d.label,
+                m("guest_release"),
+                m("guest_cpus"),
+                m("guest_memtotal_mib"),
+                m("bpf_jit_enable")
+            );
+        }
+    }
+    let _ = writeln!(
+        r,
+        "- qemu TCG (no KVM): guest instructions are emulated, absolute times are several times slower and noisier than on hardware; compare ratios.\n"
+    );
+    let _ = writeln!(
+        r,
+        "## Summary\n\n{}\n{}",
+        summary_table(runs),
+        cost_table(runs)
+    );
+    targets(&mut r, runs);
+    method(&mut r);
+    details(&mut r, runs);
+    r
+}
+
+fn targets(r: &mut String, runs: &[KernelData]) {
+    let _ = writeln!(r, "## Targets\n");
+    for d in runs.iter().filter(|d| !d.is_host()) {
+        let k = d.label.as_str();
+        let (e, p) = (d.stats("ebpf"), d.stats("poll"));
+        let ratio_pe = e.zip(p).and_then(|(e, p)| ratio(p.p50, e.p50));
+        r.push_str(&verdict(
+            ratio_pe.map(|x| x >= LATENCY_RATIO_TARGET),
+            &format!("{k}: ebpf p50 ≥ {LATENCY_RATIO_TARGET}× lower than poll p50"),
+            &match (e, p, ratio_pe) {
+                (Some(e), Some(p), Some(x)) => format!(
+                    "poll p50 {:.1} ms ÷ ebpf p50 {:.2} ms = {x:.1}×{}",
+                    p.p50,
+                    e.p50,
+                    if x < LATENCY_RATIO_TARGET {
+                        ratio_reason(d)
+                    } else {
+                        String::new()
+                    }
+                ),
+                _ => "missing samples".into(),
+            },
+        ));
+        r.push_str(&verdict(
+            e.zip(p).map(|(e, p)| e.max < p.p50),
+            &format!("{k}: ebpf max below poll p50"),
+            &e.zip(p).map_or("missing samples".into(), |(e, p)| {
+                format!("ebpf max {:.1} ms vs poll p50 {:.1} ms", e.max, p.p50)
+            }),
+        ));
+        let idle = d.idle.get("ebpf");
+        r.push_str(&verdict(
+            idle.map(|i| i.wakeups_per_s() <= IDLE_WAKEUPS_TARGET),
+            &format!("{k}: ebpf idle wake-ups ≤ {IDLE_WAKEUPS_TARGET}/s"),
+            &idle.map_or("missing samples".into(), |i| {
+                format!(
+                    "{:.0} voluntary switches in {:.1} s = {:.2}/s, {:.1} per agent health check (one every {HEALTH_INTERVAL_S} s; poll: {}/s)",
+                    i.switches,
+                    i.secs,
+                    i.wakeups_per_s(),
+                    i.switches / (i.secs / HEALTH_INTERVAL_S).max(1.0),
+                    fmt_opt(d.idle.get("poll").map(IdleSample::wakeups_per_s), 2)
+                )
+            }),
+        ));
+        r.push_str(&verdict(
+            idle.map(|i| i.rss_kib / 1024.0 < IDLE_RSS_MIB_TARGET),
+            &format!("{k}: ebpf daemon idle RSS < {IDLE_RSS_MIB_TARGET} MiB"),
+            &idle.map_or("missing samples".into(), |i| {
+                format!("{:.1} MiB", i.rss_kib / 1024.0)
+            }),
+        ));
+        let early: u64 = d.early.values().sum();
+        if early > 0 {
+            let _ = writeln!(
+                r,
+                "- note {k}: {early} UpscaleRequest(s) arrived before a measured ramp (below the threshold) and were not counted: {:?}",
+                d.early
+            );
+        }
+    }
+    for d in runs {
+        let k = d.label.as_str();
+        let slow = Stats::of(&d.pair_slowdowns_pct());
+        r.push_str(&verdict(
+            slow.map(|s| s.p50 < OVERHEAD_PCT_TARGET),
+            &format!("{k}: reclaim-heavy workload slowdown < {OVERHEAD_PCT_TARGET} % with the monitor attached"),
+            &slow.map_or("not run".into(), |s| {
+                format!(
+                    "p50 {:+.2} % over {} pairs (min {:+.2} %, max {:+.2} %)",
+                    s.p50, s.n, s.min, s.max
+                )
+            }),
+        ));
+        let costs = d.cost_per_run();
+        let modes: Vec<String> = costs
+            .iter()
+            .map(|c| {
+                format!(
+                    "JIT {} on {}: {} ns/run over {:.0} runs",
+                    c.jit,
+                    c.variant,
+                    fmt_opt(c.ns_per_run(), 0),
+                    c.runs
+                )
+            })
+            .collect();
+        let both = costs.iter().any(|c| c.jit == "on") && costs.iter().any(|c| c.jit == "off");
+        r.push_str(&verdict(
+            if costs.is_empty() {
+                None
+            } else {
+                Some(both || d.is_host())
+            },
+            &format!(
+                "{k}: per-run program cost reported{}",
+                if d.is_host() {
+                    " (host: the machine's JIT setting only; it is not ours to switch)"
+                } else {
+                    " for JIT on and off"
+                }
+            ),
+            &if modes.is_empty() {
+                "not run".into()
+            } else {
+                modes.join("; ")
+            },
+        ));
+        for s in &d.storm {
+            let ok = s.cpu_pct() < STORM_CPU_PCT_TARGET
+                && s.rss_growth_kib() <= STORM_RSS_GROWTH_KIB
+                && s.accounted();
+            r.push_str(&verdict(
+                Some(ok),
+                &format!(
+                    "{k}: storm ({}) under {STORM_CPU_PCT_TARGET} % of a core, RSS flat, every drop counted",
+                    s.variant
+                ),
+                &format!(
+                    "{:.2} % CPU, RSS {:.1} → peak {:.1} MiB, {:.0} hits = {:.0} emitted + {:.0} coalesced + {:.0} dropped, {:.0} records delivered{}",
+                    s.cpu_pct(),
+                    s.rss_first_kib / 1024.0,
+                    s.rss_peak_kib / 1024.0,
+                    s.seen,
+                    s.emitted,
+                    s.coalesced,
+                    s.dropped,
+                    s.delivered,
+                    if d.is_host() {
+                        " (host: `vm-monitor trace --json`, which also prints every record)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        if !d.host_start.is_empty() {
+            let attached: Vec<f64> = d.host_start.iter().map(|h| h.trace_attached_ms).collect();
+            let listening: Vec<f64> = d.host_start.iter().map(|h| h.daemon_listening_ms).collect();
+            r.push_str(&verdict(
+                Some(true),
+                &format!("{k}: exec → ready reported"),
+                &format!(
+                    "programs attached p50 {} ms (max {}), daemon listening p50 {} ms (max {}), over {} starts",
+                    fmt_opt(percentile(&attached, 50.0), 1),
+                    fmt_opt(percentile(&attached, 100.0), 1),
+                    fmt_opt(percentile(&listening, 50.0), 1),
+                    fmt_opt(percentile(&listening, 100.0), 1),
+                    attached.len()
+                ),
+            ));
+        }
+    }
+    r.push('\n');
+}
+
+fn method(r: &mut String) {
+    let _ = writeln!(r, "## Method\n");
+    r.push_str(
+        "- **Reaction latency** (VM): the daemon runs without `--pgconnstr` (no Postgres: the file cache plays no part in the upscale trigger). Per ramp a fresh fake agent announces 1 CU, a fresh memhog pre-grows anonymous memory to 96 MiB below the upscale threshold, then grows 4 MiB every 20 ms to 32 MiB past it. The crossing is timestamped by the workload itself: swap is off for the cgroup, so its anonymous memory only grows and the memhog stamps (CLOCK_BOOTTIME) the page fault that brings non-reclaimable memory to the threshold; the end is the `UpscaleRequest` frame arriving at the fake agent (CLOCK_BOOTTIME). Nothing polls during the measurement. Then the agent grants 2 CU, the memory is freed and the agent disconnects. Should memory.high not return to the 1 CU value within 1.5 s the daemon is restarted (the `starts` column). Event → frame: the decision's timestamp (the kernel event or poll sample that triggered it, CLOCK_BOOTTIME) to the frame's arrival.\n",
+    );
+    r.push_str(
+        "- **Idle cost** (VM): daemon on each tier with the agent connected (health check every 5 s), 3 s settle, then the window: utime+stime from `/proc/PID/stat` and voluntary context switches summed over `/proc/PID/task/*/status`; RSS from `VmRSS` at the end. CPU time has the kernel's 10 ms tick resolution.\n",
+    );
+    r.push_str(
+        "- **Overhead** (VM): memory.high 64 MiB with swap on zram; one run = 2 × (touch and free 128 MiB anonymous memory) + one read of a 192 MiB sparse file on a loop-mounted ext4 (page cache). Runs alternate detached / attached (the ebpf daemon with `--no-memory-high`, no agent, so it consumes every event and reads memory.stat per burst as in production), the order flipping every pair; slowdown = attached ÷ detached − 1 per pair. (Host): 16 reads of a 256 MiB sparse file through a 32 MiB v1 memory limit, with and without `vm-monitor trace` attached.\n",
+    );
+    r.push_str(
+        "- **Program cost**: `--bpf-stats` (`BPF_ENABLE_STATS`, no sysctl changed) during one overhead run per JIT mode, run time ÷ run count over all programs from `/metrics`; in the VM `net.core.bpf_jit_enable` is switched before the daemon (and so the programs) load. On the host the cost comes from the storm runs.\n",
+    );
+    r.push_str(
+        "- **Event storm**: N tasks churning 48 MiB each (VM: anonymous through memory.high with swap; host: page-cache reads through the v1 limit) for the whole window. Offered = the programs' `seen` counter, delivered = records the daemon's engine received (host: records `trace` received); CPU from `/proc`, RSS sampled every second. `ebpf-c0` is the same with `--coalesce-ms 0`.\n",
+    );
+    r.push_str(
+        "- **Start-up** (host): exec → `tracing:` (programs loaded, attached, ring buffer consumed) and exec → `server bound` of the daemon without a cgroup (the host has no cgroup v2 memory controller). In the VM: exec → the daemon's startup decision (tier chosen, memory.high applied).\n",
+    );
+    r.push_str("- Statistics: percentiles by linear interpolation between closest ranks; latency ratios use the ebpf p50 clamped to ≥ 1 ms, so they are lower bounds when ebpf is below it.\n\n");
+}
+
+fn details(r: &mut String, runs: &[KernelData]) {
+    let _ = writeln!(r, "## Spread\n");
+    r.push_str("| kernel | tier | n | min ms | p50 ms | p90 ms | max ms | crossing → event p50 ms | event → frame p50 ms | p90 ms | daemon exec → started ms (p50) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for d in runs.iter().filter(|d| !d.is_host()) {
+        for tier in d.tiers() {
+            let tier = tier.as_str();
+            let s = d.stats(tier);
+            let f = d.e2f_stats(tier);
+            if s.is_none() && !d.startup_ms.contains_key(tier) {
+                continue;
+            }
+            let _ = writeln!(
+                r,
+                "| {} | {tier} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({} starts) |",
+                d.label,
+                s.map_or(0, |s| s.n),
+                fmt_opt(s.map(|s| s.min), 2),
+                fmt_opt(s.map(|s| s.p50), 2),
+                fmt_opt(s.map(|s| s.p90), 2),
+                fmt_opt(s.map(|s| s.max), 2),
+                fmt_opt(d.c2e_stats(tier).map(|c| c.p50), 2),
+                fmt_opt(f.map(|f| f.p50), 2),
+                fmt_opt(f.map(|f| f.p90), 2),
+                fmt_opt(d.startup_ms.get(tier).and_then(|v| percentile(v, 50.0)), 0),
+                d.startup_ms.get(tier).map_or(0, Vec::len),
+            );
+        }
+    }
+
+    let _ = writeln!(r, "\n### Overhead runs\n");
+    r.push_str("| kernel | detached s p50 (min … max) | attached s p50 (min … max) | daemon CPU ms per attached run (p50) |\n|---|---|---|---|\n");
+    for d in runs.iter().filter(|d| !d.overhead.is_empty()) {
+        let span = |v: &[f64]| {
+            Stats::of(v).map_or("–".into(), |s| {
+                format!("{:.3} ({:.3} … {:.3})", s.p50, s.min, s.max)
+            })
+        };
+        let cpu: Vec<f64> = d
+            .overhead
+            .iter()
+            .filter(|o| o.attached)
+            .map(|o| o.daemon_cpu_ms)
+            .collect();
+        let _ = writeln!(
+            r,
+            "| {} | {} | {} | {} |",
+            d.label,
+            span(&d.overhead_secs(false)),
+            span(&d.overhead_secs(true)),
+            fmt_opt(percentile(&cpu, 50.0), 0)
+        );
+    }
+
+    let _ = writeln!(r, "\n### Program cost per run\n");
+    r.push_str(
+        "| kernel | JIT | workload | program | runs | ns per run |\n|---|---|---|---|---|---|\n",
+    );
+    for d in runs {
+        for c in &d.bpf_cost {
+            let _ = writeln!(
+                r,
+                "| {} | {} | {} | {} | {:.0} | {} |",
+                d.label,
+                c.jit,
+                c.variant,
+                c.program,
+                c.runs,
+                fmt_opt((c.runs > 0.0).then(|| c.run_time_ns / c.runs), 0)
+            );
+        }
+    }
+
+    let _ = writeln!(r, "\n### Event storms\n");
+    r.push_str("| kernel | variant | tasks | s | hits/s | records/s delivered | coalesced | dropped | accounted | CPU % of a core | RSS first / end / peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for d in runs {
+        for s in &d.storm {
+            let _ = writeln!(
+                r,
+                "| {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.2} | {:.1} / {:.1} / {:.1} |",
+                d.label,
+                s.variant,
+                s.tasks,
+                s.secs,
+                s.seen / s.secs,
+                s.delivered / s.secs,
+                s.coalesced,
+                s.dropped,
+                if s.accounted() { "yes" } else { "NO" },
+                s.cpu_pct(),
+                s.rss_first_kib / 1024.0,
+                s.rss_end_kib / 1024.0,
+                s.rss_peak_kib / 1024.0
+            );
+        }
+    }
+    r.push_str(
+        "\nRaw samples: `<kernel>-*.csv` next to this file (`host-*.csv` for the host kernel).\n",
+    );
+}
