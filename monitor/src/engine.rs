@@ -372,16 +372,16 @@ impl Engine {
                     self.tick_at = Some(u64::try_from(at.as_nanos()).unwrap_or(u64::MAX));
                 }
                 Action::Decision(d) => {
-                    let json = serde_json::to_string(&d).unwrap_or_default();
                     // Steps repeat every 25 ms while an upscale is pending: /debug/decisions and
                     // the metrics keep them; the log at info keeps only the decisions that matter.
+                    // (Field values are only evaluated, i.e. serialised, when the level is on.)
                     if matches!(
                         d.kind,
                         DecisionKind::MemoryHighRaised | DecisionKind::Ignored
                     ) {
-                        debug!(decision = %json, "decision");
+                        debug!(decision = %serde_json::to_string(&d).unwrap_or_default(), "decision");
                     } else {
-                        info!(decision = %json, "decision");
+                        info!(decision = %serde_json::to_string(&d).unwrap_or_default(), "decision");
                     }
                     if let Some(sink) = &self.decisions {
                         let _ = sink.send(d);

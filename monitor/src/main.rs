@@ -12,8 +12,11 @@ fn main() -> std::process::ExitCode {
         eprintln!("vm-monitor: cannot initialise logging: {err:#}");
         return std::process::ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs everything: the event path (ring buffer → engine → websocket) never
+    // crosses threads, and an idle daemon wakes once per agent health check, not once per
+    // worker. Nothing here blocks for long: cgroup files are small, Postgres is async, and
+    // the recorder writes on its own thread.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("building the tokio runtime")
