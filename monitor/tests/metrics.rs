@@ -254,3 +254,69 @@ async fn ebpf_kernel_source_on_the_host() {
         "run statistics only while kernel.bpf_stats_enabled=1"
     );
 }
+
+/// `--bpf-stats`: the pipeline holds its own BPF_ENABLE_STATS, the kernel counts the programs'
+/// runs without the sysctl, and /metrics exports them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the host kernel (loads BPF programs); run by hand with --ignored"]
+async fn run_stats_option_exports_program_runs_without_the_sysctl() {
+    use monitor::metrics::EbpfKernelSource;
+    use monitor::pressure::ebpf::{EbpfOptions, EbpfPipeline, bpf_stats_enabled};
+
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "loads BPF programs: run as root"
+    );
+    let sysctl_before = bpf_stats_enabled().expect("reading kernel.bpf_stats_enabled");
+    let pipeline = EbpfPipeline::load(&EbpfOptions {
+        target: None,
+        coalesce: Duration::from_millis(10),
+        run_stats: true,
+    })
+    .expect("loading the eBPF programs");
+    let (tx, mut rx) = mpsc::channel(65536);
+    let programs = pipeline.start(tx).expect("starting the consumer");
+    assert!(programs.holds_run_stats() && programs.run_stats_enabled());
+
+    // Memcg reclaim: 48 MiB of page cache written through a 16 MiB limit.
+    let cg = tests::hostcg::ScratchMemcg::create("run-stats", 16 << 20)
+        .expect("creating a scratch v1 memory cgroup");
+    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("run-stats-{}", std::process::id()));
+    let (_, status) = cg
+        .run(&format!(
+            "dd if=/dev/zero of={} bs=1M count=48 conv=fsync status=none",
+            file.display()
+        ))
+        .expect("running the workload");
+    let _ = std::fs::remove_file(&file);
+    assert!(status.success(), "workload failed: {status}");
+    while rx.try_recv().is_ok() {}
+
+    let source = EbpfKernelSource::new(programs.counters(), programs.program_ids())
+        .holding_run_stats(programs.holds_run_stats());
+    let metrics = Metrics::new();
+    metrics.set_tier(Some(Tier::Ebpf));
+    metrics.set_kernel(Box::new(source));
+    let s = scrape(&metrics);
+    assert_eq!(value(&s, "vm_monitor_ebpf_stats_enabled", &[]), Some(1.0));
+    let program = [("program", "memcg_reclaim_begin")];
+    let runs = value(&s, "vm_monitor_ebpf_program_runs_total", &program).unwrap_or(0.0);
+    let secs = value(
+        &s,
+        "vm_monitor_ebpf_program_run_time_seconds_total",
+        &program,
+    )
+    .unwrap_or(0.0);
+    assert!(runs > 0.0, "memcg reclaim ran, yet no runs were counted");
+    assert!(secs > 0.0, "{runs} runs but no run time");
+    assert_eq!(
+        bpf_stats_enabled().expect("reading kernel.bpf_stats_enabled"),
+        sysctl_before,
+        "the sysctl must be left alone"
+    );
+    drop(programs);
+    drop(cg);
+}

@@ -761,6 +761,9 @@ pub struct MonitorOptions {
     /// stderr is the serial console, and a busy log would cost the guest CPU time during
     /// measurements. The log is always saved (and dumped when a test panics), see [`Monitor`].
     pub echo: bool,
+    /// `RUST_LOG` for the daemon. The default adds the engine's debug lines (memory.high
+    /// writes) that scenarios check; benchmarks use the production default, `info`.
+    pub rust_log: String,
 }
 
 impl MonitorOptions {
@@ -770,6 +773,7 @@ impl MonitorOptions {
             pgconnstr,
             extra: Vec::new(),
             echo: false,
+            rust_log: "info,monitor::engine=debug".to_string(),
         }
     }
 }
@@ -800,8 +804,7 @@ impl Monitor {
             .arg(addr.to_string())
             .args(["--cgroup", &cg.name, "--signal", &opts.signal])
             .args(&opts.extra)
-            // memory.high writes are logged at debug by the engine.
-            .env("RUST_LOG", "info,monitor::engine=debug")
+            .env("RUST_LOG", &opts.rust_log)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -31,7 +31,7 @@ const LIMIT: u64 = 32 * MIB;
 /// The churned file (sparse: its pages come from the page cache, no disk reads).
 const FILE_MIB: u64 = 256;
 /// Reads of the file per overhead run.
-const OVERHEAD_READS: u64 = 16;
+const OVERHEAD_READS: u64 = 48;
 
 fn main() -> ExitCode {
     match run() {
@@ -262,7 +262,9 @@ fn storm(host: &Host, variant: &str, coalesce: &str, tasks: u64, secs: u64) -> a
     let summary_path = host.out.dir.join(format!("host-storm-{variant}.jsonl"));
     let stdout = std::fs::File::create(&summary_path)
         .with_context(|| format!("creating {}", summary_path.display()))?;
-    let duration = secs.to_string();
+    // `trace` outlives the storm by a margin so every record emitted during it is consumed
+    // before the summary compares the kernel's counters with what arrived.
+    let duration = (secs + 2).to_string();
     let (mut child, _) = spawn_until(
         &host.bin,
         &[
@@ -290,13 +292,14 @@ fn storm(host: &Host, variant: &str, coalesce: &str, tasks: u64, secs: u64) -> a
     }
     let mut rss = Vec::new();
     let mut last = p0.clone();
-    // `trace` stops by itself after --duration; sample it until then.
+    let mut last_at = Duration::ZERO;
     while t0.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_secs(1));
         match ProcSample::read(pid) {
             Ok(p) => {
                 rss.push(p.rss_kib);
                 last = p;
+                last_at = t0.elapsed();
             }
             Err(_) => break,
         }
@@ -309,9 +312,11 @@ fn storm(host: &Host, variant: &str, coalesce: &str, tasks: u64, secs: u64) -> a
     for mut r in readers {
         let _ = r.wait();
     }
+    // The storm's span: rates and CPU share are over the sampled window.
+    let elapsed = last_at.as_secs_f64();
+    // `trace` stops by itself after --duration.
     let status = child.wait().context("waiting for vm-monitor trace")?;
     ensure!(status.success(), "vm-monitor trace exited with {status}");
-    let elapsed = t0.elapsed().as_secs_f64().min(secs as f64);
 
     let text = std::fs::read_to_string(&summary_path)?;
     let _ = std::fs::remove_file(&summary_path);

@@ -242,6 +242,7 @@ fn start(cg: &Cgroup, tier: &str) -> anyhow::Result<(Monitor, Duration)> {
     };
     let mut opts = MonitorOptions::new(signal, None);
     opts.extra = extra;
+    opts.rust_log = "info".into();
     let mon = Monitor::start(cg, &opts)?;
     let startup = started.elapsed();
     let line = mon.wait_for(0, Duration::from_secs(5), |l| {
@@ -320,11 +321,7 @@ async fn ramp(mon: &Monitor, cg: &Cgroup, memhog: &Path) -> anyhow::Result<Optio
         .context("the workload never reached the threshold")?;
     let ms = |later: u64, earlier: u64| (later as f64 - earlier as f64) / 1e6;
     let decision = mon.wait_for_decision(mark, "upscale_requested", Duration::from_secs(10))?;
-    let trigger = decision["detail"]
-        .as_str()
-        .or(decision["input"].as_str())
-        .unwrap_or_default()
-        .to_string();
+    let trigger = decision["input"].as_str().unwrap_or_default().to_string();
     let reading = decision["reading"].as_u64().unwrap_or(0);
     let at = &decision["at"];
     let decided_ns = at["secs"].as_u64().context("decision without at.secs")? * 1_000_000_000
@@ -447,6 +444,7 @@ impl Drop for Workload<'_> {
 /// on each burst, as in production.
 fn attach(cg: &Cgroup, extra: &[&str]) -> anyhow::Result<Monitor> {
     let mut opts = MonitorOptions::new("ebpf", None);
+    opts.rust_log = "info".into();
     opts.extra = ["--no-memory-high"]
         .iter()
         .chain(extra)

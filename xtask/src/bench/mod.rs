@@ -41,7 +41,7 @@ pub struct BenchArgs {
     /// Idle seconds per tier (default 15 with --quick, else 60).
     #[arg(long)]
     idle_secs: Option<u64>,
-    /// Detached/attached pairs of the overhead workload (default 3 with --quick, else 5).
+    /// Detached/attached pairs of the overhead workload (default 3 with --quick, else 8).
     #[arg(long)]
     overhead_pairs: Option<u64>,
     /// Seconds per event storm (default 10 with --quick, else 30).
@@ -88,7 +88,7 @@ pub fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
     };
     let ramps = args.ramps.unwrap_or(if quick { 5 } else { 20 });
     let idle_secs = args.idle_secs.unwrap_or(if quick { 15 } else { 60 });
-    let pairs = args.overhead_pairs.unwrap_or(if quick { 3 } else { 5 });
+    let pairs = args.overhead_pairs.unwrap_or(if quick { 3 } else { 8 });
     let storm_secs = args.storm_secs.unwrap_or(if quick { 10 } else { 30 });
     let storm_variants = if quick { "ebpf" } else { "ebpf,ebpf-c0" };
     // Blocks of 5 ramps per daemon start: tiers alternate, restarts stay few.
