@@ -33,7 +33,7 @@ use crate::engine::DecisionSink;
 use crate::memstat::MemoryHigh;
 use crate::policy::{DecisionKind, Input, Policy};
 use crate::pressure::ebpf::{CounterReader, ProgramStats};
-use crate::pressure::{PressureEvent, PressureKind, RecordKind, Tier, boottime_ns};
+use crate::pressure::{PressureEvent, PressureKind, RecordKind, Tier, boottime_ns, kind_names};
 use crate::session::Sessions;
 
 /// Every metric name starts with `vm_monitor_`.
@@ -53,9 +53,9 @@ fn slot_name(i: usize) -> &'static str {
     match RecordKind::ALL.get(i) {
         Some(k) => k.name(),
         None => match i - RecordKind::ALL.len() {
-            0 => "psi_trigger",
-            1 => "memory_events",
-            _ => "polled_sample",
+            0 => kind_names::PSI_TRIGGER,
+            1 => kind_names::MEMORY_EVENTS,
+            _ => kind_names::POLLED_SAMPLE,
         },
     }
 }

@@ -36,7 +36,7 @@ use crate::backend::ScalingOutcome;
 use crate::cgroup::CgroupTarget;
 use crate::memstat::MemoryHigh;
 use crate::policy::{Action, Config, Effect, Input};
-use crate::pressure::{PressureEvent, PressureKind, RecordKind, Tier, boottime_ns};
+use crate::pressure::{PressureEvent, PressureKind, RecordKind, Tier, boottime_ns, kind_names};
 
 /// First bytes of every recording.
 pub const MAGIC: [u8; 8] = *b"VMMONREC";
@@ -288,9 +288,9 @@ impl EventKind {
                 Some(k) => Cow::Borrowed(k.name()),
                 None => Cow::Owned(format!("kind_{v}")),
             },
-            EventKind::PsiTrigger => Cow::Borrowed("psi_trigger"),
-            EventKind::MemoryEvents { .. } => Cow::Borrowed("memory_events"),
-            EventKind::PolledSample { .. } => Cow::Borrowed("polled_sample"),
+            EventKind::PsiTrigger => Cow::Borrowed(kind_names::PSI_TRIGGER),
+            EventKind::MemoryEvents { .. } => Cow::Borrowed(kind_names::MEMORY_EVENTS),
+            EventKind::PolledSample { .. } => Cow::Borrowed(kind_names::POLLED_SAMPLE),
         }
     }
 }

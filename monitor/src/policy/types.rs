@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::sizing::mib;
 use crate::backend::ScalingOutcome;
 use crate::memstat::MemoryHigh;
-use crate::pressure::{PressureEvent, PressureKind, RecordKind};
+use crate::pressure::{PressureEvent, PressureKind, RecordKind, kind_names};
 
 /// What kind of pressure the kernel reported (tier-independent).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,9 +85,9 @@ impl PressureSignal {
             PressureSignal::DirectReclaim { .. } => "direct_reclaim",
             PressureSignal::KswapdWake => "kswapd_wake",
             PressureSignal::OomKill => "oom_kill",
-            PressureSignal::PsiTrigger => "psi_trigger",
-            PressureSignal::MemoryEvents { .. } => "memory_events",
-            PressureSignal::PolledSample => "polled_sample",
+            PressureSignal::PsiTrigger => kind_names::PSI_TRIGGER,
+            PressureSignal::MemoryEvents { .. } => kind_names::MEMORY_EVENTS,
+            PressureSignal::PolledSample => kind_names::POLLED_SAMPLE,
         }
     }
 }

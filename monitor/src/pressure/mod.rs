@@ -101,11 +101,19 @@ impl PressureEvent {
     pub fn kind_name(&self) -> &'static str {
         match &self.kind {
             PressureKind::Kernel(k) => k.name(),
-            PressureKind::PsiTrigger => "psi_trigger",
-            PressureKind::MemoryEvents { .. } => "memory_events",
-            PressureKind::PolledSample { .. } => "polled_sample",
+            PressureKind::PsiTrigger => kind_names::PSI_TRIGGER,
+            PressureKind::MemoryEvents { .. } => kind_names::MEMORY_EVENTS,
+            PressureKind::PolledSample { .. } => kind_names::POLLED_SAMPLE,
         }
     }
+}
+
+/// Names of the kinds that do not come from the eBPF programs (those are
+/// [`RecordKind::name`]): one spelling for logs, metrics labels, recordings and the policy.
+pub mod kind_names {
+    pub const PSI_TRIGGER: &str = "psi_trigger";
+    pub const MEMORY_EVENTS: &str = "memory_events";
+    pub const POLLED_SAMPLE: &str = "polled_sample";
 }
 
 /// CLOCK_BOOTTIME in ns, the clock `bpf_ktime_get_boot_ns` uses.
