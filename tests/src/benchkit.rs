@@ -172,3 +172,35 @@ impl CsvDir {
         Ok(())
     }
 }
+
+/// Times `pairs` detached/attached pairs of one workload, the order flipping every pair so a
+/// drift of the machine within a pair cancels out over pairs. `run(attached)` does one run and
+/// returns its duration and the monitor's CPU milliseconds; each run becomes a row of
+/// `overhead.csv` (printed with `label` as it comes).
+pub fn overhead_pairs(
+    label: &str,
+    out: &CsvDir,
+    kernel: &str,
+    pairs: u64,
+    mut run: impl FnMut(bool) -> anyhow::Result<(std::time::Duration, f64)>,
+) -> anyhow::Result<()> {
+    for pair in 1..=pairs {
+        let order = if pair % 2 == 1 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for attached in order {
+            let (elapsed, cpu_ms) = run(attached)?;
+            let mode = if attached { "attached" } else { "detached" };
+            let secs = elapsed.as_secs_f64();
+            eprintln!("{label}: {kernel} overhead pair {pair} {mode}: {secs:.3} s");
+            out.append(
+                "overhead.csv",
+                "kernel,pair,mode,seconds,daemon_cpu_ms",
+                &format!("{kernel},{pair},{mode},{secs:.4},{cpu_ms:.1}"),
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -6,7 +6,7 @@
 //! reaction time). The recordings are copied to `target/demo/`.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -43,11 +43,8 @@ pub fn run(setup: &mut Setup, args: &DemoArgs) -> Result<ExitCode> {
     run.env.push((PG_EXT_ENV.into(), ext.display().to_string()));
     run.timeout = Some(DEMO_TIMEOUT);
     run.cwd = Some(root.join("tests"));
-    let code = vm::run(setup, &run)?;
-
-    // The guest wrote into this run's shared directory, named after the kernel and our pid.
-    let shared = run_dir(&target.join("vm-out"), args.kernel)
-        .context("cannot find this run's shared directory under target/vm-out")?;
+    // The guest wrote into this run's shared directory.
+    let (code, shared) = vm::run_with_dir(setup, &run)?;
     let dest = target.join("demo");
     let copied = copy_recordings(&shared.join("demo"), &dest)?;
     if copied > 0 {
@@ -90,22 +87,6 @@ fn render_recording(monitor_bin: &Path, dest: &Path) -> Result<()> {
         svg.display()
     ));
     Ok(())
-}
-
-/// The newest `target/vm-out/<kernel>-<stamp>-<our pid>` directory: `vm::run` names each run's
-/// directory after the kernel and the xtask process.
-fn run_dir(base: &Path, kernel: KernelLine) -> Option<PathBuf> {
-    let prefix = format!("{}-", kernel.as_str());
-    let suffix = format!("-{}", std::process::id());
-    fs::read_dir(base)
-        .ok()?
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(&prefix) && name.ends_with(&suffix)
-        })
-        .max_by_key(|e| e.file_name())
-        .map(|e| e.path())
 }
 
 /// Replaces `dest` with the files of `from`; returns how many were copied.

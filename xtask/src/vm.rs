@@ -100,6 +100,11 @@ const FORWARDED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE", "RUST_LIB_BACKTRA
 
 /// Boots the VM, streams its console, and returns the guest command's exit code.
 pub fn run(setup: &mut Setup, vm: &VmRun) -> Result<i32> {
+    run_with_dir(setup, vm).map(|(code, _)| code)
+}
+
+/// [`run`], also returning the run's shared directory (`VM_MONITOR_OUT` in the guest).
+pub fn run_with_dir(setup: &mut Setup, vm: &VmRun) -> Result<(i32, PathBuf)> {
     let vng = setup.vm_tools()?;
     let qemu = find_program("qemu-system-x86_64", &[]).context(
         "qemu-system-x86_64 not found on PATH (Debian package qemu-system-x86; `cargo xtask setup` installs it)",
@@ -234,7 +239,7 @@ pub fn run(setup: &mut Setup, vm: &VmRun) -> Result<i32> {
         vm.kernel.as_str(),
         total.as_secs_f64()
     ));
-    Ok(code)
+    Ok((code, out))
 }
 
 /// Copies a child's output to ours as it arrives.

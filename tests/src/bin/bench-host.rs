@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use tests::benchkit::{CsvDir, ProcSample};
+use tests::benchkit::{CsvDir, ProcSample, overhead_pairs};
 use tests::hostcg::ScratchMemcg;
 
 const MIB: u64 = 1 << 20;
@@ -216,46 +216,22 @@ fn churn_once(host: &Host) -> anyhow::Result<Duration> {
 
 fn overhead(host: &Host, pairs: u64) -> anyhow::Result<()> {
     churn_once(host)?; // warm-up: binaries, the file's metadata
-    for pair in 0..pairs {
-        let order: [bool; 2] = if pair % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for attached in order {
-            let (elapsed, cpu_ms) = if attached {
-                let (child, _) = spawn_until(
-                    &host.bin,
-                    &["trace", "--json", "--coalesce-ms", "10"],
-                    "tracing:",
-                    Stdio::null(),
-                )?;
-                let before = ProcSample::read(child.id())?;
-                let elapsed = churn_once(host)?;
-                let after = ProcSample::read(child.id())?;
-                interrupt(child)?;
-                (elapsed, after.cpu_ms_since(&before))
-            } else {
-                (churn_once(host)?, 0.0)
-            };
-            let mode = if attached { "attached" } else { "detached" };
-            eprintln!(
-                "bench-host: overhead pair {} {mode}: {:.3} s",
-                pair + 1,
-                elapsed.as_secs_f64()
-            );
-            host.out.append(
-                "overhead.csv",
-                "kernel,pair,mode,seconds,daemon_cpu_ms",
-                &format!(
-                    "host,{},{mode},{:.4},{cpu_ms:.1}",
-                    pair + 1,
-                    elapsed.as_secs_f64()
-                ),
-            )?;
+    overhead_pairs("bench-host", &host.out, "host", pairs, |attached| {
+        if !attached {
+            return Ok((churn_once(host)?, 0.0));
         }
-    }
-    Ok(())
+        let (child, _) = spawn_until(
+            &host.bin,
+            &["trace", "--json", "--coalesce-ms", "10"],
+            "tracing:",
+            Stdio::null(),
+        )?;
+        let before = ProcSample::read(child.id())?;
+        let elapsed = churn_once(host)?;
+        let after = ProcSample::read(child.id())?;
+        interrupt(child)?;
+        Ok((elapsed, after.cpu_ms_since(&before)))
+    })
 }
 
 fn storm(host: &Host, variant: &str, coalesce: &str, tasks: u64, secs: u64) -> anyhow::Result<()> {

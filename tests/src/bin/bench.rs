@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use tests::benchkit::{CsvDir, MetricsPage, ProcSample};
+use tests::benchkit::{CsvDir, MetricsPage, ProcSample, overhead_pairs};
 use tests::scenario::{
     CGROUP, Cgroup, Ext4Scratch, GIB, MIB, MemHog, Monitor, MonitorOptions, Sizes, agent_config,
     boottime_ns, connect_agent, cu,
@@ -467,41 +467,17 @@ async fn overhead(
         "bench: {kernel} overhead warm-up run: {:.2} s",
         warm.as_secs_f64()
     );
-    for pair in 0..pairs {
-        // Alternate which mode goes first, so a drift within a pair cancels out over pairs.
-        let order: [bool; 2] = if pair % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for attached in order {
-            let (elapsed, daemon_cpu_ms) = if attached {
-                let mut mon = attach(cg, &[])?;
-                let before = ProcSample::read(mon.pid())?;
-                let elapsed = work.run()?;
-                let after = ProcSample::read(mon.pid())?;
-                ensure!(mon.terminate()?.success(), "daemon exit failed");
-                (elapsed, after.cpu_ms_since(&before))
-            } else {
-                (work.run()?, 0.0)
-            };
-            let mode = if attached { "attached" } else { "detached" };
-            eprintln!(
-                "bench: {kernel} overhead pair {} {mode}: {:.3} s",
-                pair + 1,
-                elapsed.as_secs_f64()
-            );
-            out.append(
-                "overhead.csv",
-                "kernel,pair,mode,seconds,daemon_cpu_ms",
-                &format!(
-                    "{kernel},{},{mode},{:.4},{daemon_cpu_ms:.1}",
-                    pair + 1,
-                    elapsed.as_secs_f64()
-                ),
-            )?;
+    overhead_pairs("bench", out, kernel, pairs, |attached| {
+        if !attached {
+            return Ok((work.run()?, 0.0));
         }
-    }
+        let mut mon = attach(cg, &[])?;
+        let before = ProcSample::read(mon.pid())?;
+        let elapsed = work.run()?;
+        let after = ProcSample::read(mon.pid())?;
+        ensure!(mon.terminate()?.success(), "daemon exit failed");
+        Ok((elapsed, after.cpu_ms_since(&before)))
+    })?;
     bpf_cost(out, &work, kernel).await
 }
 

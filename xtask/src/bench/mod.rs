@@ -11,7 +11,7 @@ mod data;
 mod report;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -157,9 +157,7 @@ pub fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
             .extend(env.into_iter().map(|(k, v)| (k.to_owned(), v)));
         run.timeout = Some(timeout);
         run.cwd = Some(root.clone());
-        let code = vm::run(setup, &run)?;
-        let shared = run_dir(&target.join("vm-out"), kernel)
-            .context("cannot find this run's shared directory under target/vm-out")?;
+        let (code, shared) = vm::run_with_dir(setup, &run)?;
         let raw = shared.join("bench");
         let data = KernelData::load(kernel.as_str(), &raw)?;
         copy_raw(&raw, &dest, kernel.as_str())?;
@@ -226,19 +224,4 @@ fn copy_raw(raw: &Path, dest: &Path, label: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The newest `target/vm-out/<kernel>-<stamp>-<our pid>` directory (how `vm::run` names it).
-fn run_dir(base: &Path, kernel: KernelLine) -> Option<PathBuf> {
-    let prefix = format!("{}-", kernel.as_str());
-    let suffix = format!("-{}", std::process::id());
-    fs::read_dir(base)
-        .ok()?
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(&prefix) && name.ends_with(&suffix)
-        })
-        .max_by_key(|e| e.file_name())
-        .map(|e| e.path())
 }
