@@ -270,3 +270,49 @@ fn count_by_kind(events: &[PressureEvent]) -> BTreeMap<RecordKind, u64> {
     }
     m
 }
+
+/// `vm-monitor trace` announces readiness ("tracing: ...") only once Ctrl-C is handled: an
+/// interrupt right after that line must end it cleanly with its summary, not kill it.
+#[test]
+#[ignore = "needs root and the host kernel (loads BPF programs); run by hand with --ignored"]
+fn trace_interrupted_right_after_ready_prints_its_summary() {
+    use std::io::{BufRead as _, BufReader, Read as _};
+    use std::process::{Command, Stdio};
+
+    require_root();
+    for attempt in 1..=3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vm-monitor"))
+            .args(["trace", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting vm-monitor trace");
+        let stderr = child.stderr.take().expect("stderr pipe");
+        let mut lines = BufReader::new(stderr).lines();
+        let ready = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("tracing:"));
+        assert!(ready, "trace never said it was ready");
+        // SAFETY: kill only sends a signal to our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout pipe")
+            .read_to_string(&mut out)
+            .expect("reading trace's output");
+        let status = child.wait().expect("waiting for trace");
+        assert!(
+            status.success(),
+            "attempt {attempt}: SIGINT right after readiness ended trace with {status}"
+        );
+        let last = out.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("\"summary\""),
+            "attempt {attempt}: no summary line, got {last:?}"
+        );
+    }
+}
