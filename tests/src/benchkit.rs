@@ -204,3 +204,37 @@ pub fn overhead_pairs(
     }
     Ok(())
 }
+
+/// Writes `meta.txt` (`key=value` lines) describing the kernel the samples come from: its
+/// release, CPUs, memory and JIT setting, plus `extra` pairs.
+pub fn write_meta(out: &CsvDir, extra: &[(&str, &str)]) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let mut meta = String::new();
+    for (k, v) in extra {
+        writeln!(meta, "{k}={v}")?;
+    }
+    writeln!(
+        meta,
+        "release={}",
+        read("/proc/sys/kernel/osrelease").trim()
+    )?;
+    writeln!(
+        meta,
+        "cpus={}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )?;
+    writeln!(
+        meta,
+        "memtotal_mib={}",
+        crate::scenario::mem_total().unwrap_or(0) >> 20
+    )?;
+    writeln!(
+        meta,
+        "bpf_jit_enable={}",
+        read("/proc/sys/net/core/bpf_jit_enable").trim()
+    )?;
+    let path = out.dir.join("meta.txt");
+    std::fs::write(&path, meta).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

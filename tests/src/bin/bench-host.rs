@@ -14,7 +14,6 @@
 //! Output (`BENCH_OUT`): `meta.txt`, `host-startup.csv`, `overhead.csv`, `storm.csv`,
 //! `bpf-cost.csv` (the last three with the VM driver's columns).
 
-use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use tests::benchkit::{CsvDir, ProcSample, overhead_pairs};
+use tests::benchkit::{CsvDir, ProcSample, overhead_pairs, write_meta};
 use tests::hostcg::ScratchMemcg;
 
 const MIB: u64 = 1 << 20;
@@ -80,7 +79,7 @@ fn run() -> anyhow::Result<()> {
         file,
     };
     let result = (|| {
-        write_meta(&host)?;
+        write_meta(&host.out, &[])?;
         startup(&host, env_u64("BENCH_HOST_STARTS", 10))?;
         overhead(&host, env_u64("BENCH_OVERHEAD_PAIRS", 5))?;
         let secs = env_u64("BENCH_STORM_SECS", 30);
@@ -92,28 +91,6 @@ fn run() -> anyhow::Result<()> {
     })();
     let _ = std::fs::remove_file(&host.file);
     result
-}
-
-fn write_meta(host: &Host) -> anyhow::Result<()> {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let mut meta = String::new();
-    writeln!(
-        meta,
-        "release={}",
-        read("/proc/sys/kernel/osrelease").trim()
-    )?;
-    writeln!(
-        meta,
-        "cpus={}",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    )?;
-    writeln!(
-        meta,
-        "bpf_jit_enable={}",
-        read("/proc/sys/net/core/bpf_jit_enable").trim()
-    )?;
-    std::fs::write(host.out.dir.join("meta.txt"), meta)?;
-    Ok(())
 }
 
 /// Spawns `bin args`, waits for a stderr line containing `ready`, returns the child and the

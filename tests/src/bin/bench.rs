@@ -24,13 +24,12 @@
 //! Output in `$VM_MONITOR_OUT/bench/`: `latency.csv`, `idle.csv`, `startup.csv`,
 //! `overhead.csv`, `bpf-cost.csv`, `storm.csv`, `storm-rss.csv`, `meta.txt`.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use tests::benchkit::{CsvDir, MetricsPage, ProcSample, overhead_pairs};
+use tests::benchkit::{CsvDir, MetricsPage, ProcSample, overhead_pairs, write_meta};
 use tests::scenario::{
     CGROUP, Cgroup, Ext4Scratch, GIB, MIB, MemHog, Monitor, MonitorOptions, Sizes, agent_config,
     boottime_ns, connect_agent, cu,
@@ -80,7 +79,7 @@ async fn run() -> anyhow::Result<()> {
         .join("memhog");
     ensure!(memhog.is_file(), "{} is missing", memhog.display());
 
-    write_meta(&out, &kernel)?;
+    write_meta(&out, &[("kernel_line", &kernel)])?;
     let cg = Cgroup::create(CGROUP)?;
     let tiers_env = std::env::var("BENCH_TIERS").unwrap_or_else(|_| TIERS.to_string());
     let tiers: Vec<&str> = tiers_env.split(',').filter(|t| !t.is_empty()).collect();
@@ -201,34 +200,6 @@ async fn latency(
             ensure!(mon.terminate()?.success(), "{tier}: daemon exit failed");
         }
     }
-    Ok(())
-}
-
-fn write_meta(out: &CsvDir, kernel: &str) -> anyhow::Result<()> {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let mut meta = String::new();
-    writeln!(meta, "kernel_line={kernel}")?;
-    writeln!(
-        meta,
-        "guest_release={}",
-        read("/proc/sys/kernel/osrelease").trim()
-    )?;
-    writeln!(
-        meta,
-        "guest_cpus={}",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    )?;
-    writeln!(
-        meta,
-        "guest_memtotal_mib={}",
-        tests::scenario::mem_total().unwrap_or(0) / MIB
-    )?;
-    writeln!(
-        meta,
-        "bpf_jit_enable={}",
-        read("/proc/sys/net/core/bpf_jit_enable").trim()
-    )?;
-    std::fs::write(out.dir.join("meta.txt"), meta)?;
     Ok(())
 }
 

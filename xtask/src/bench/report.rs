@@ -314,12 +314,17 @@ pub fn report_md(runs: &[KernelData], host: &HostInfo, info: &RunInfo) -> String
         } else {
             let _ = writeln!(
                 r,
-                "- guest {}: Linux {}, {} vCPUs, {} MiB, bpf_jit_enable={} (switched off and back for the JIT-off cost run)",
+                "- guest {}: Linux {}, {} vCPUs, {} MiB, bpf_jit_enable={}{}",
                 d.label,
-                m("guest_release"),
-                m("guest_cpus"),
-                m("guest_memtotal_mib"),
-                m("bpf_jit_enable")
+                m("release"),
+                m("cpus"),
+                m("memtotal_mib"),
+                m("bpf_jit_enable"),
+                if d.bpf_cost.iter().any(|c| c.jit == "off") {
+                    " (switched off and back for the JIT-off cost run)"
+                } else {
+                    ""
+                }
             );
         }
     }
@@ -521,7 +526,7 @@ fn method(r: &mut String) {
         "- **Idle cost** (VM): daemon on each tier with the agent connected (health check every 5 s), 3 s settle, then the window: utime+stime from `/proc/PID/stat` and voluntary context switches summed over `/proc/PID/task/*/status`; RSS from `VmRSS` at the end. CPU time has the kernel's 10 ms tick resolution.\n",
     );
     r.push_str(
-        "- **Overhead** (VM): memory.high 64 MiB with swap on zram; one run = 2 × (touch and free 128 MiB anonymous memory) + one read of a 192 MiB sparse file on a loop-mounted ext4 (page cache). Runs alternate detached / attached (the ebpf daemon with `--no-memory-high`, no agent, so it consumes every event and reads memory.stat per burst as in production), the order flipping every pair; slowdown = attached ÷ detached − 1 per pair. (Host): 16 reads of a 256 MiB sparse file through a 32 MiB v1 memory limit, with and without `vm-monitor trace` attached.\n",
+        "- **Overhead** (VM): memory.high 64 MiB with swap on zram; one run = 2 × (touch and free 128 MiB anonymous memory) + one read of a 192 MiB sparse file on a loop-mounted ext4 (page cache). Runs alternate detached / attached (the ebpf daemon with `--no-memory-high`, no agent, so it consumes every event and reads memory.stat per burst as in production), the order flipping every pair; slowdown = attached ÷ detached − 1 per pair. (Host): 48 reads of a 256 MiB sparse file through a 32 MiB v1 memory limit, with and without `vm-monitor trace` attached.\n",
     );
     r.push_str(
         "- **Program cost**: `--bpf-stats` (`BPF_ENABLE_STATS`, no sysctl changed) during one overhead run per JIT mode, run time ÷ run count over all programs from `/metrics`; in the VM `net.core.bpf_jit_enable` is switched before the daemon (and so the programs) load. On the host the cost comes from the storm runs.\n",
