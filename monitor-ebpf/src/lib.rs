@@ -9,6 +9,8 @@
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Per-CPU array of [`KindCounters`], indexed by [`RecordKind`] value.
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Array (one [`GrowthArm`]) through which userspace arms the growth hint.
+pub const MAP_GROWTH_ARM: &str = "GROWTH_ARM";
 /// Ring-buffer size in bytes (power of two, multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
@@ -40,14 +42,18 @@ pub enum RecordKind {
     /// `memcg:count_memcg_events` (kernel ≥ 6.13) for the watched cgroup: `order` = item,
     /// `value` = count. The cgroup id comes from the event itself.
     MemcgEvents = 7,
+    /// `kmem:rss_stat` in the watched subtree: anonymous/shmem pages mapped by its tasks grew
+    /// by the armed budget since userspace last armed it ([`GrowthArm`]); a "look now" hint,
+    /// not a measurement. `value` = bytes of growth this CPU saw, `order` = rss member.
+    GrowthHint = 8,
 }
 
 /// Number of counter slots (max kind value + 1).
-pub const KIND_SLOTS: u32 = 8;
+pub const KIND_SLOTS: u32 = 9;
 
 impl RecordKind {
     /// Every kind, in value order.
-    pub const ALL: [RecordKind; 7] = [
+    pub const ALL: [RecordKind; 8] = [
         RecordKind::MemcgReclaimBegin,
         RecordKind::MemcgReclaimEnd,
         RecordKind::DirectReclaimBegin,
@@ -55,6 +61,7 @@ impl RecordKind {
         RecordKind::KswapdWake,
         RecordKind::OomVictim,
         RecordKind::MemcgEvents,
+        RecordKind::GrowthHint,
     ];
 
     /// Decodes a raw kind value.
@@ -72,6 +79,7 @@ impl RecordKind {
             RecordKind::KswapdWake => "kswapd_wake",
             RecordKind::OomVictim => "oom_victim",
             RecordKind::MemcgEvents => "memcg_events",
+            RecordKind::GrowthHint => "growth_hint",
         }
     }
 
@@ -156,11 +164,34 @@ pub struct FieldSlots {
     pub memcg_item: FieldSlot,
     /// count_memcg_events: `val`.
     pub memcg_val: FieldSlot,
-    pub _pad: FieldSlot,
+    /// rss_stat: `mm_id` (a hash of the mm pointer).
+    pub rss_mm_id: FieldSlot,
+    /// rss_stat: `member` (MM_FILEPAGES 0, MM_ANONPAGES 1, MM_SWAPENTS 2, MM_SHMEMPAGES 3).
+    pub rss_member: FieldSlot,
+    /// rss_stat: `size` (the mm's counter for that member, in bytes).
+    pub rss_size: FieldSlot,
+}
+
+/// rss_stat members that are non-reclaimable memory of the mapping process.
+pub const RSS_MEMBER_ANON: u64 = 1;
+/// See [`RSS_MEMBER_ANON`].
+pub const RSS_MEMBER_SHMEM: u64 = 3;
+
+/// How the growth hint is armed. Each CPU sums the growth it sees since `epoch` changed and
+/// sends one [`RecordKind::GrowthHint`] when its sum reaches `share_bytes`; then it stays
+/// quiet until userspace re-arms (a new `epoch`). Userspace sets `share_bytes` to its budget
+/// divided by the number of possible CPUs: if the subtree grew by the budget, at least one
+/// CPU saw its share (pigeonhole), so a per-CPU sum never needs a cross-CPU atomic.
+/// `share_bytes == 0` disarms.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrowthArm {
+    pub epoch: u64,
+    pub share_bytes: u64,
 }
 
 /// Tracepoints the programs attach to: (program name in the object, category, event).
-pub const TRACEPOINTS: [(&str, &str, &str); 7] = [
+pub const TRACEPOINTS: [(&str, &str, &str); 8] = [
     (
         "memcg_reclaim_begin",
         "vmscan",
@@ -180,13 +211,15 @@ pub const TRACEPOINTS: [(&str, &str, &str); 7] = [
     ("kswapd_wake", "vmscan", "mm_vmscan_kswapd_wake"),
     ("oom_mark_victim", "oom", "mark_victim"),
     ("memcg_count_events", "memcg", "count_memcg_events"),
+    ("rss_stat", "kmem", "rss_stat"),
 ];
 
 // Layout is part of the ABI: fail the build on both sides if it drifts.
 const _: () = assert!(core::mem::size_of::<PressureRecord>() == 80);
 const _: () = assert!(core::mem::align_of::<PressureRecord>() == 8);
 const _: () = assert!(core::mem::size_of::<KindCounters>() == 32);
-const _: () = assert!(core::mem::size_of::<FieldSlots>() == 40);
+const _: () = assert!(core::mem::size_of::<FieldSlots>() == 48);
+const _: () = assert!(core::mem::size_of::<GrowthArm>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
@@ -197,4 +230,6 @@ mod user {
     unsafe impl aya::Pod for super::KindCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FieldSlots {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GrowthArm {}
 }

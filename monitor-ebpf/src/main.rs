@@ -11,12 +11,13 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns,
     },
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::info;
 use monitor_ebpf::{
-    EVENTS_RING_BYTES, FieldSlot, FieldSlots, KIND_SLOTS, KindCounters, PressureRecord, RecordKind,
+    EVENTS_RING_BYTES, FieldSlot, FieldSlots, GrowthArm, KIND_SLOTS, KindCounters, PressureRecord,
+    RSS_MEMBER_ANON, RSS_MEMBER_SHMEM, RecordKind,
 };
 
 // ---- load-time configuration (set by userspace with `EbpfLoader::override_global`) ----
@@ -38,7 +39,9 @@ static FIELDS: FieldSlots = FieldSlots {
     memcg_id: FieldSlot { offset: 0, size: 0 },
     memcg_item: FieldSlot { offset: 0, size: 0 },
     memcg_val: FieldSlot { offset: 0, size: 0 },
-    _pad: FieldSlot { offset: 0, size: 0 },
+    rss_mm_id: FieldSlot { offset: 0, size: 0 },
+    rss_member: FieldSlot { offset: 0, size: 0 },
+    rss_size: FieldSlot { offset: 0, size: 0 },
 };
 
 // ---- maps ----
@@ -60,6 +63,34 @@ static DIRECT_BEGIN: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
 /// Coalescing state per (kind, cgroup). LRU so a churn of cgroups cannot fill it.
 #[map]
 static COALESCE: LruHashMap<CoalesceKey, CoalesceState> = LruHashMap::with_max_entries(4096, 0);
+
+/// Growth-hint arming, written by userspace after every reading (see [`GrowthArm`]).
+#[map(name = "GROWTH_ARM")]
+static GROWTH_ARM: Array<GrowthArm> = Array::with_max_entries(1, 0);
+
+/// Growth seen by this CPU since the arm's epoch changed.
+#[map]
+static GROWTH_CPU: PerCpuArray<GrowthCpu> = PerCpuArray::with_max_entries(1, 0);
+
+/// Last anon/shmem counter seen per mm (`mm_id`), to turn rss_stat's absolute sizes into
+/// growth. Shared by all CPUs: a thread that migrates keeps its mm's baseline. LRU, so exited
+/// processes age out.
+#[map]
+static MM_LAST: LruHashMap<u32, MmLast> = LruHashMap::with_max_entries(8192, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GrowthCpu {
+    epoch: u64,
+    grown: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MmLast {
+    anon: u64,
+    shmem: u64,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -203,6 +234,12 @@ fn report(hit: Hit) {
         }
     }
 
+    send(c, &hit, events, stall_ns, value, urgent);
+}
+
+/// Writes one record for `hit` (standing for `events` hits) to the ring buffer.
+#[inline(always)]
+fn send(c: &mut KindCounters, hit: &Hit, events: u64, stall_ns: u64, value: u64, urgent: bool) {
     let Some(mut entry) = EVENTS.reserve::<PressureRecord>(0) else {
         c.dropped += events;
         return;
@@ -349,6 +386,93 @@ pub fn memcg_count_events(ctx: TracePointContext) -> u32 {
         gfp_flags: 0,
         order: item,
     });
+    0
+}
+
+/// Growth of the subtree's non-reclaimable memory, as the mapping processes see it. Fires on
+/// every change of an mm's counters (≥ 6.2; 6.1 batches a task's changes, ≤ 64 pages), so it
+/// must stay cheap: one hash lookup, no ring-buffer write except the one hint per arm.
+///
+/// It may over-hint, never under-hint the mapped part: a first sight of an mm counts its whole
+/// size, shrinking is ignored (no credit), and a page shared by several processes (shmem,
+/// COW) counts once per mapping mm. Memory no mm maps (kernel memory, unmapped tmpfs) is not
+/// seen here; the reclaim, OOM and agent-driven readings still cover it.
+#[tracepoint]
+pub fn rss_stat(ctx: TracePointContext) -> u32 {
+    if !in_target_subtree() {
+        return 0;
+    }
+    let f = fields();
+    let member = read_field(&ctx, f.rss_member);
+    if member != RSS_MEMBER_ANON && member != RSS_MEMBER_SHMEM {
+        return 0;
+    }
+    let size = read_field(&ctx, f.rss_size);
+    let mm = read_field(&ctx, f.rss_mm_id) as u32;
+    let grown = match MM_LAST.get_ptr_mut(mm) {
+        Some(last) => {
+            // SAFETY: pointer from a successful map lookup.
+            let last = unsafe { &mut *last };
+            let slot = if member == RSS_MEMBER_ANON {
+                &mut last.anon
+            } else {
+                &mut last.shmem
+            };
+            let grown = size.saturating_sub(*slot);
+            *slot = size;
+            grown
+        }
+        None => {
+            let mut last = MmLast { anon: 0, shmem: 0 };
+            if member == RSS_MEMBER_ANON {
+                last.anon = size;
+            } else {
+                last.shmem = size;
+            }
+            let _ = MM_LAST.insert(mm, last, 0);
+            size
+        }
+    };
+    if grown == 0 {
+        return 0;
+    }
+    let Some(c) = counters(RecordKind::GrowthHint) else {
+        return 0;
+    };
+    c.seen += 1;
+    let Some(arm) = GROWTH_ARM.get(0) else {
+        c.coalesced += 1;
+        return 0;
+    };
+    // SAFETY: volatile read of the map value userspace updates in place.
+    let arm = unsafe { core::ptr::read_volatile(arm) };
+    let Some(cpu) = GROWTH_CPU.get_ptr_mut(0) else {
+        c.coalesced += 1;
+        return 0;
+    };
+    // SAFETY: per-CPU slot, ours while the program runs (migration is disabled).
+    let cpu = unsafe { &mut *cpu };
+    if cpu.epoch != arm.epoch {
+        cpu.epoch = arm.epoch;
+        cpu.grown = 0;
+    }
+    let before = cpu.grown;
+    cpu.grown = before.saturating_add(grown);
+    // Disarmed, already fired in this epoch, or the share not reached yet: counted only.
+    if arm.share_bytes == 0 || before >= arm.share_bytes || cpu.grown < arm.share_bytes {
+        c.coalesced += 1;
+        return 0;
+    }
+    let hit = Hit {
+        kind: RecordKind::GrowthHint,
+        ts_ns: now_ns(),
+        cgroup_id: current_cgroup_id(),
+        stall_ns: 0,
+        value: cpu.grown,
+        gfp_flags: 0,
+        order: member as i32,
+    };
+    send(c, &hit, 1, 0, cpu.grown, false);
     0
 }
 

@@ -82,11 +82,16 @@ pub struct ServeArgs {
     /// per program run.
     #[arg(long)]
     pub bpf_stats: bool,
-    /// Never write the cgroup's memory.high. Detection then relies on reclaim the kernel does
-    /// on its own (memory.max, guest-wide direct reclaim, OOM) and on PSI/poll readings; usage
-    /// can cross the upscale threshold without any memcg reclaim event.
-    #[arg(long)]
+    /// Never write the cgroup's memory.high, not even the `max` it is reset to at start-up and
+    /// on shutdown (for a limit someone else owns). Detection is unaffected.
+    #[arg(long, conflicts_with = "memory_high_guard")]
     pub no_memory_high: bool,
+    /// Hold memory.high at the upscale threshold and step it up while an upscale is pending,
+    /// to slow a runaway allocation until the agent answers. Costs Postgres: past the
+    /// threshold the kernel reclaims page cache in Postgres's own context. Off by default;
+    /// detection does not need it.
+    #[arg(long)]
+    pub memory_high_guard: bool,
     /// Keep a size-bounded rolling recording of events and decisions in this directory (for
     /// post-mortems: `vm-monitor replay DIR`, `vm-monitor trace export|plot DIR`).
     #[arg(long)]

@@ -49,7 +49,7 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
 /// A running pressure source; dropping it stops the source.
 pub enum PressureSource {
     /// eBPF programs stay attached while this lives.
-    Ebpf(AttachedPrograms),
+    Ebpf(Box<AttachedPrograms>),
     /// PSI and poll tiers are plain tasks.
     Tasks(Vec<tokio::task::JoinHandle<anyhow::Result<()>>>),
 }
@@ -87,7 +87,7 @@ pub async fn start_pressure(
         match EbpfPipeline::load(&opts).and_then(|p| p.start(tx.clone())) {
             Ok(running) => {
                 info!(%tier, %reason, kernel = %caps.kernel_release, cgroup = %target.name, cgroup_id = target.id, "pressure signal tier chosen");
-                return Ok((tier, PressureSource::Ebpf(running)));
+                return Ok((tier, PressureSource::Ebpf(Box::new(running))));
             }
             Err(err) if choice == SignalChoice::Auto => {
                 let mut fallback = caps.tier_inputs();
@@ -118,6 +118,7 @@ pub fn policy_config(args: &ServeArgs) -> anyhow::Result<policy::Config> {
         manage_cgroup: args.cgroup.is_some(),
         manage_file_cache: args.pgconnstr.is_some(),
         manage_memory_high: !args.no_memory_high,
+        memory_high_guard: args.memory_high_guard,
         sys_buffer: p.sys_buffer_mib.saturating_mul(policy::MIB),
         file_cache: policy::FileCacheConfig {
             resource_multiplier: p.file_cache_multiplier,
@@ -229,12 +230,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
         (backend, None, None)
     } else {
+        let mut growth_hint = None;
         let (pressure, source, tier) = match &target {
             Some(t) => {
                 let (tx, rx) = mpsc::channel(4096);
                 let coalesce = Duration::from_millis(args.coalesce_ms);
-                let (tier, source) =
+                let (tier, mut source) =
                     start_pressure(t, args.signal, coalesce, args.bpf_stats, tx).await?;
+                if let PressureSource::Ebpf(programs) = &mut source {
+                    growth_hint = programs.take_growth_hint();
+                }
                 if let PressureSource::Ebpf(programs) = &source {
                     metrics.set_kernel(Box::new(
                         metrics::EbpfKernelSource::new(programs.counters(), programs.program_ids())
@@ -276,6 +281,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             mem_total: engine::mem_total()?,
             metrics: Some(metrics.clone()),
             recorder,
+            growth_hint,
         };
         let handle = engine::spawn(parts, pressure, shutdown_rx.clone(), Some(decision_tx));
         info!(addr = %local, cgroup = ?args.cgroup, file_cache = args.pgconnstr.is_some(), "server bound");

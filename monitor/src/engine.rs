@@ -16,6 +16,7 @@ use crate::filecache::FileCache;
 use crate::logging::warn_limited;
 use crate::metrics::Metrics;
 use crate::policy::{Action, Decision, DecisionKind, Effect, Input, Policy, PressureSignal};
+use crate::pressure::ebpf::GrowthHint;
 use crate::pressure::{PressureEvent, PressureKind, boottime_ns};
 use crate::record::Recorder;
 
@@ -35,6 +36,8 @@ pub struct EngineParts {
     pub metrics: Option<Metrics>,
     /// Records events and every policy step for post-mortems and `vm-monitor replay`.
     pub recorder: Option<Recorder>,
+    /// The ebpf tier's in-kernel growth hint, armed after every reading.
+    pub growth_hint: Option<GrowthHint>,
 }
 
 /// Observers of the engine (decision log, metrics) get every decision here.
@@ -70,6 +73,9 @@ pub fn spawn(
         decisions,
         metrics: parts.metrics,
         recorder: parts.recorder,
+        growth_hint: parts.growth_hint,
+        armed: None,
+        recheck_at: None,
     };
     let task = tokio::spawn(engine.run(parts.mem_total, pressure, calls_rx, shutdown));
     EngineHandle {
@@ -97,6 +103,11 @@ struct Engine {
     decisions: Option<DecisionSink>,
     metrics: Option<Metrics>,
     recorder: Option<Recorder>,
+    growth_hint: Option<GrowthHint>,
+    /// The policy's growth hint last armed (reading time, budget).
+    armed: Option<(Duration, u64)>,
+    /// Policy-requested fresh reading while usage stays over the threshold (boot-clock ns).
+    recheck_at: Option<u64>,
 }
 
 fn now() -> Duration {
@@ -161,6 +172,10 @@ impl Engine {
                 () = sleep_until(self.tick_at) => {
                     self.tick_at = None;
                     self.feed(Input::Tick { at: now() }).await;
+                }
+                () = sleep_until(self.recheck_at) => {
+                    self.recheck_at = None;
+                    self.feed_reading().await;
                 }
                 () = sleep_until(self.fc_retry_at) => {
                     self.fc_retry_at = None;
@@ -391,6 +406,32 @@ impl Engine {
         }
         if let Some(m) = &self.metrics {
             m.policy_state(&self.policy);
+        }
+        self.follow_readings();
+    }
+
+    /// Keeps the kernel's growth hint and the over-threshold re-check where the policy wants
+    /// them after its latest reading.
+    fn follow_readings(&mut self) {
+        self.recheck_at = self
+            .policy
+            .recheck_at()
+            .map(|at| u64::try_from(at.as_nanos()).unwrap_or(u64::MAX));
+        let Some(hint) = self.growth_hint.as_mut() else {
+            return;
+        };
+        let wanted = self.policy.growth_hint();
+        if wanted == self.armed {
+            return;
+        }
+        self.armed = wanted;
+        if let Some((_, budget)) = wanted {
+            match hint.arm(budget) {
+                Ok(()) => debug!(budget_mib = budget >> 20, "growth hint armed"),
+                Err(err) => {
+                    warn_limited!(error = %format!("{err:#}"), "arming the growth hint failed")
+                }
+            }
         }
     }
 

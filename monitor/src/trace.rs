@@ -68,6 +68,9 @@ pub fn format_text(ev: &PressureEvent) -> String {
         PressureKind::Kernel(RecordKind::MemcgEvents) => {
             format!("item={} val={}", ev.order, ev.value)
         }
+        PressureKind::Kernel(RecordKind::GrowthHint) => {
+            format!("member={} grown={}KiB", ev.order, ev.value >> 10)
+        }
         other => format!("{other:?}"),
     };
     format!(

@@ -53,6 +53,7 @@ async fn engine_recording_replays_identically() {
             mem_total: 4 * GIB,
             metrics: None,
             recorder: Some(recorder),
+            growth_hint: None,
         },
         Some(pressure_rx),
         stop_rx,

@@ -79,6 +79,7 @@ async fn engine_feeds_metrics_and_the_decision_log() {
             mem_total: 4 * GIB,
             metrics: Some(metrics.clone()),
             recorder: None,
+            growth_hint: None,
         },
         Some(pressure_rx),
         stop_rx,

@@ -202,7 +202,8 @@ fn kernel_event(ts_ns: u64, kind: RecordKind, pid: u32, comm: &str) -> PressureE
 /// A 6-second run: startup, memory climbing through the threshold under memcg reclaim, a
 /// guest-wide direct-reclaim stall, an upscale grant, an OOM kill, a downscale and shutdown.
 fn synthetic_run(path: &Path) -> Expect {
-    let mut sim = Sim::new(path, Config::default());
+    // The guard on, so memory.high moves and its series is plotted.
+    let mut sim = Sim::new(path, guarded());
     let ms = |m: u64| t0() + m * 1_000_000;
     sim.advance(ms(1));
     sim.feed(Input::Reading {
@@ -322,7 +323,7 @@ fn recording_parses_with_everything_the_run_produced() {
     assert_eq!(rec.header.kernel_release, KERNEL);
     assert_eq!(rec.header.tier, Some(Tier::Ebpf));
     assert_eq!(rec.header.clock, "CLOCK_BOOTTIME");
-    assert_eq!(rec.header.policy, Some(Config::default()));
+    assert_eq!(rec.header.policy, Some(guarded()));
     assert_eq!(rec.events().count(), expect.events);
     assert_eq!(rec.steps().count(), expect.steps);
     let recorded_decisions = rec
@@ -864,7 +865,8 @@ fn v1_fixture_still_reads() {
     let rec = Recording::load(&fixture).unwrap();
     assert!(rec.warnings().is_empty(), "{:?}", rec.warnings());
     assert_eq!(rec.header.kernel_release, KERNEL);
-    assert_eq!(rec.header.policy, Some(Config::default()));
+    // Written before the guard was a choice: read as the guard-on run it was.
+    assert_eq!(rec.header.policy, Some(guarded()));
     assert_eq!(rec.events().count(), 149);
     assert!(rec.steps().count() > 149);
     // Not replayed: a later policy may legitimately decide differently on old inputs.
@@ -922,5 +924,12 @@ proptest! {
             plot::render_svg(&rec).unwrap();
         }
         let _ = consume(&bytes);
+    }
+}
+
+fn guarded() -> Config {
+    Config {
+        memory_high_guard: true,
+        ..Config::default()
     }
 }

@@ -33,8 +33,21 @@ pub struct Config {
     pub manage_cgroup: bool,
     /// The Postgres file cache is resized (`--pgconnstr`).
     pub manage_file_cache: bool,
-    /// `memory.high` is written (off with `--no-memory-high`; ignored without a cgroup).
+    /// `memory.high` is written at all (off with `--no-memory-high`; ignored without a cgroup):
+    /// `max` at start-up and on shutdown, and the guard's limits when that is on.
     pub manage_memory_high: bool,
+    /// The memory.high guard (`--memory-high-guard`): memory.high held at the upscale
+    /// threshold and stepped up while an upscale is pending. It throttles a runaway allocation
+    /// before the agent answers, but it also makes the kernel reclaim page cache in Postgres's
+    /// own context whenever the cgroup passes the threshold, so it is off by default.
+    /// Recordings made before the field existed ran with the guard on.
+    #[serde(default = "guard_in_old_recordings")]
+    pub memory_high_guard: bool,
+    /// Smallest growth budget armed for the kernel's growth hint (16 MiB): the hint then asks
+    /// for a reading at most once per this much growth, also while usage stays over the
+    /// threshold (where the rate limit, not growth, paces requests).
+    #[serde(default = "default_growth_hint_floor")]
+    pub growth_hint_floor: u64,
     /// Subtracted from the agent's allocation to get usable memory (100 MiB).
     pub sys_buffer: u64,
     /// File-cache sizing.
@@ -65,12 +78,22 @@ pub struct Config {
     pub max_mem: u64,
 }
 
+fn guard_in_old_recordings() -> bool {
+    true
+}
+
+fn default_growth_hint_floor() -> u64 {
+    16 * MIB
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             manage_cgroup: true,
             manage_file_cache: true,
             manage_memory_high: true,
+            memory_high_guard: false,
+            growth_hint_floor: default_growth_hint_floor(),
             sys_buffer: 100 * MIB,
             file_cache: FileCacheConfig::default(),
             upscale_threshold_fraction: 0.85,
@@ -116,6 +139,11 @@ impl Config {
     /// Whether `memory.high` is actually written (needs a cgroup).
     pub fn writes_memory_high(&self) -> bool {
         self.manage_cgroup && self.manage_memory_high
+    }
+
+    /// Whether memory.high is held below `max` (the guard; see [`Config::memory_high_guard`]).
+    pub fn guards_memory_high(&self) -> bool {
+        self.writes_memory_high() && self.memory_high_guard
     }
 
     /// Checks every value, reporting the first bad one.

@@ -287,6 +287,41 @@ impl Policy {
         self.shutdown == ShutdownState::Done
     }
 
+    /// The growth hint to arm after the latest reading: `(reading time, budget)`. The kernel
+    /// asks for a fresh reading once the cgroup's mapped non-reclaimable memory has grown by
+    /// `budget`; it is 7/8 of the headroom to the threshold (the rest covers growth between the
+    /// reading and the arming), at least [`Config::growth_hint_floor`]. Readings then come
+    /// closer together only as usage nears the threshold.
+    pub fn growth_hint(&self) -> Option<(Duration, u64)> {
+        if !self.started || !self.cfg.manage_cgroup || self.shutdown != ShutdownState::Running {
+            return None;
+        }
+        let (at, reading) = self.latest?;
+        let headroom = self.threshold.saturating_sub(reading);
+        Some((
+            at,
+            (headroom - headroom / 8).max(self.cfg.growth_hint_floor),
+        ))
+    }
+
+    /// When the next reading is due because the latest one is at or over the threshold: the
+    /// moment the rate limit allows the next UpscaleRequest. On the event-driven tiers nothing
+    /// else would look again while usage just stays high, and the agent forgets a request
+    /// after 10 s, granted or not.
+    pub fn recheck_at(&self) -> Option<Duration> {
+        if !self.started || !self.cfg.manage_cgroup || self.shutdown != ShutdownState::Running {
+            return None;
+        }
+        let (at, reading) = self.latest?;
+        if reading < self.threshold {
+            return None;
+        }
+        let next = self.last_upscale_sent.map_or(at, |sent| {
+            sent.saturating_add(self.cfg.upscale_min_interval)
+        });
+        Some(next.max(at.saturating_add(Duration::from_millis(1))))
+    }
+
     /// Peak reading over the window ending at `at`.
     pub fn peak(&self, at: Duration) -> Option<u64> {
         let cutoff = at.saturating_sub(self.cfg.peak_window);
@@ -405,7 +440,7 @@ impl Policy {
                 bytes: self.fc_target(self.usable),
             }));
         }
-        if self.cfg.writes_memory_high() {
+        if self.cfg.guards_memory_high() {
             steps.push(Step::HighFor {
                 want: self.threshold,
                 usable: self.usable,
@@ -462,7 +497,8 @@ impl Policy {
             }
             PressureSignal::DirectReclaim { .. }
             | PressureSignal::KswapdWake
-            | PressureSignal::PolledSample => {}
+            | PressureSignal::PolledSample
+            | PressureSignal::GrowthHint => {}
         }
         // Usage is the primary trigger; a guest-wide signal only counts when usage does not.
         let trigger = self.over_threshold(signal.name(), reading).or(urgent);
@@ -774,7 +810,7 @@ impl Policy {
 
     /// The next memory.high step, if stepping applies at all (time spacing aside).
     fn next_step(&self, at: Duration) -> Option<MemoryHigh> {
-        if !self.cfg.writes_memory_high()
+        if !self.cfg.guards_memory_high()
             || !self.started
             || self.shutdown != ShutdownState::Running
             || !self.upscale_pending(at)
@@ -1054,7 +1090,7 @@ impl Policy {
                 steps.push(Step::Set(Effect::FileCache { bytes }));
             }
         }
-        if self.cfg.writes_memory_high() {
+        if self.cfg.guards_memory_high() {
             steps.push(Step::HighFor {
                 want: plan.threshold,
                 usable: plan.usable,

@@ -100,6 +100,7 @@ fn config(cgroup: bool, file_cache: bool, memory_high: bool) -> Config {
         manage_cgroup: cgroup,
         manage_file_cache: file_cache,
         manage_memory_high: memory_high,
+        memory_high_guard: true,
         ..Config::default()
     }
 }

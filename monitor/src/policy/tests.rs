@@ -6,6 +6,15 @@ use super::*;
 
 const GIB: u64 = 1 << 30;
 
+/// The configuration with the memory.high guard on: most scenarios here exercise the guard's
+/// stepping; the default (guard off) has its own tests below.
+fn guarded() -> Config {
+    Config {
+        memory_high_guard: true,
+        ..Config::default()
+    }
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -127,7 +136,7 @@ fn started_at(cfg: Config, alloc: u64) -> Policy {
 }
 
 fn started(alloc: u64) -> Policy {
-    started_at(Config::default(), alloc)
+    started_at(guarded(), alloc)
 }
 
 fn pressure(at: Duration, reading: u64) -> Input {
@@ -150,7 +159,7 @@ fn reading(at: Duration, bytes: u64) -> Input {
 
 #[test]
 fn startup_sets_max_first_then_file_cache_then_threshold() {
-    let mut p = Policy::new(Config::default()).unwrap();
+    let mut p = Policy::new(guarded()).unwrap();
     run(
         &mut p,
         Input::FileCacheConnected {
@@ -193,7 +202,7 @@ fn startup_sets_max_first_then_file_cache_then_threshold() {
 
 #[test]
 fn startup_defers_file_cache_until_postgres_connects() {
-    let mut p = Policy::new(Config::default()).unwrap();
+    let mut p = Policy::new(guarded()).unwrap();
     let a = run(
         &mut p,
         Input::Start {
@@ -230,7 +239,7 @@ fn startup_defers_file_cache_until_postgres_connects() {
 
 #[test]
 fn startup_failure_is_logged_and_sizing_continues() {
-    let mut p = Policy::new(Config::default()).unwrap();
+    let mut p = Policy::new(guarded()).unwrap();
     run(
         &mut p,
         Input::FileCacheConnected {
@@ -285,7 +294,7 @@ fn second_start_is_ignored() {
 fn no_memory_high_mode_never_writes_it() {
     let cfg = Config {
         manage_memory_high: false,
-        ..Config::default()
+        ..guarded()
     };
     let mut p = started_at(cfg, 2 * GIB);
     let mut all = Vec::new();
@@ -485,7 +494,7 @@ fn memory_events_oom_kill_increase_upscales_after_baseline() {
 
 #[test]
 fn nothing_happens_before_start() {
-    let mut p = Policy::new(Config::default()).unwrap();
+    let mut p = Policy::new(guarded()).unwrap();
     let a = run(&mut p, pressure(ms(1), 10 * GIB));
     assert!(a.is_empty(), "{a:?}");
     let a = run(
@@ -893,7 +902,7 @@ fn postgres_down_then_back() {
 fn downscale_with_file_cache_only_skips_cgroup_checks() {
     let cfg = Config {
         manage_cgroup: false,
-        ..Config::default()
+        ..guarded()
     };
     let mut p = started_at(cfg, 2 * GIB);
     let a = run(
@@ -914,7 +923,7 @@ fn downscale_with_file_cache_only_skips_cgroup_checks() {
 fn downscale_with_cgroup_only() {
     let cfg = Config {
         manage_file_cache: false,
-        ..Config::default()
+        ..guarded()
     };
     let mut p = started_at(cfg, 2 * GIB);
     run(&mut p, reading(ms(100), 100 * MIB));
@@ -943,7 +952,7 @@ fn unmanaged_confirms_and_approves() {
     let cfg = Config {
         manage_cgroup: false,
         manage_file_cache: false,
-        ..Config::default()
+        ..guarded()
     };
     let mut p = Policy::new(cfg).unwrap();
     let a = run(
@@ -1012,7 +1021,7 @@ fn invalid_allocations_refused_without_state_change() {
 fn config_is_validated() {
     let cfg = Config {
         upscale_threshold_fraction: 0.0,
-        ..Config::default()
+        ..guarded()
     };
     assert_eq!(
         Policy::new(cfg).unwrap_err().field,
@@ -1251,7 +1260,7 @@ fn guest_wide_signal_does_not_step_memory_high() {
 
 #[test]
 fn startup_respects_an_early_reading() {
-    let mut p = Policy::new(Config::default()).unwrap();
+    let mut p = Policy::new(guarded()).unwrap();
     run(&mut p, reading(ms(0), 950 * MIB));
     let a = run(
         &mut p,
@@ -1275,7 +1284,7 @@ fn startup_respects_an_early_reading() {
 fn invalid_request_after_time_passes_changes_nothing() {
     let cfg = Config {
         manage_file_cache: false,
-        ..Config::default()
+        ..guarded()
     };
     let mut p = Policy::new(cfg).unwrap();
     let a = p.handle(Input::Start {
@@ -1303,4 +1312,103 @@ fn invalid_request_after_time_passes_changes_nothing() {
         assert!(matches!(only_reply(&a), ScalingOutcome::InternalError(_)));
         assert_eq!(p, before);
     }
+}
+
+// ---- default mode: memory.high reset to max and left there; readings drive everything ----
+
+fn shipped(alloc: u64) -> Policy {
+    started_at(Config::default(), alloc)
+}
+
+#[test]
+fn default_mode_writes_only_max_and_never_limits() {
+    let mut p = Policy::new(Config::default()).unwrap();
+    let mut all = run(&mut p, reading(ms(0), 100 * MIB));
+    all.extend(run(
+        &mut p,
+        Input::Start {
+            at: ms(0),
+            mem_total: 2 * GIB,
+        },
+    ));
+    for i in 0..20 {
+        all.extend(run(&mut p, pressure(ms(10 + i * 10), 1900 * MIB)));
+        all.extend(run(
+            &mut p,
+            Input::Tick {
+                at: ms(15 + i * 10),
+            },
+        ));
+    }
+    all.extend(run(
+        &mut p,
+        Input::UpscaleNotification {
+            at: ms(1000),
+            granted_mem: 4 * GIB,
+        },
+    ));
+    all.extend(run(&mut p, Input::Shutdown { at: ms(1200) }));
+    assert_eq!(
+        highs(&all),
+        vec![MemoryHigh::Max, MemoryHigh::Max],
+        "{all:?}"
+    );
+    assert!(!upscales(&all).is_empty());
+    assert!(p.is_shut_down());
+}
+
+#[test]
+fn recheck_follows_the_rate_limit_while_over_the_threshold_and_stops_below() {
+    let mut p = shipped(2 * GIB);
+    let over = p.threshold() + 10 * MIB;
+    assert_eq!(p.recheck_at(), None, "below the threshold nothing is due");
+    let a = run(&mut p, reading(ms(10_000), over));
+    assert_eq!(upscales(&a).len(), 1);
+    let due = p.recheck_at().expect("a re-check while over the threshold");
+    assert_eq!(due, ms(11_000));
+    // No grant: every re-check on schedule asks again, for as long as usage stays over.
+    for i in 1..=12u64 {
+        let at = ms(10_000 + i * 1000);
+        assert_eq!(p.recheck_at(), Some(at));
+        let a = run(&mut p, reading(at, over));
+        assert_eq!(upscales(&a).len(), 1, "re-check {i}: {a:?}");
+    }
+    let a = run(&mut p, reading(ms(23_000), 100 * MIB));
+    assert!(upscales(&a).is_empty());
+    assert_eq!(p.recheck_at(), None);
+    // A second crossing after the release is seen like the first.
+    let a = run(&mut p, reading(ms(30_000), over));
+    assert_eq!(upscales(&a).len(), 1);
+}
+
+#[test]
+fn growth_hint_budget_is_most_of_the_headroom_with_a_floor() {
+    let mut p = shipped(2 * GIB);
+    let t = p.threshold();
+    assert_eq!(p.growth_hint(), None, "no reading yet");
+    run(&mut p, reading(ms(100), t - 800 * MIB));
+    assert_eq!(p.growth_hint(), Some((ms(100), 700 * MIB)));
+    run(&mut p, reading(ms(200), t - 8 * MIB));
+    assert_eq!(p.growth_hint(), Some((ms(200), 16 * MIB)), "floor");
+    run(&mut p, reading(ms(300), t + 100 * MIB));
+    assert_eq!(
+        p.growth_hint(),
+        Some((ms(300), 16 * MIB)),
+        "over the threshold"
+    );
+    run(&mut p, Input::Shutdown { at: ms(400) });
+    assert_eq!(p.growth_hint(), None, "disarmed once shutting down");
+    assert_eq!(p.recheck_at(), None);
+}
+
+#[test]
+fn config_from_old_recordings_keeps_the_guard() {
+    let mut v = serde_json::to_value(Config::default()).unwrap();
+    let obj = v.as_object_mut().unwrap();
+    obj.remove("memory_high_guard");
+    obj.remove("growth_hint_floor");
+    let old: Config = serde_json::from_value(v).unwrap();
+    assert!(old.memory_high_guard);
+    assert_eq!(old.growth_hint_floor, Config::default().growth_hint_floor);
+    assert!(!Config::default().memory_high_guard);
 }

@@ -35,6 +35,9 @@ pub enum PressureSignal {
     },
     /// A poll-tier sample (its averaged reading travels in [`Input::Pressure::reading`]).
     PolledSample,
+    /// The kernel saw the cgroup's mapped memory grow by the armed budget: not pressure, a
+    /// cue to look (the engine's on-demand reading decides).
+    GrowthHint,
 }
 
 impl PressureSignal {
@@ -56,6 +59,7 @@ impl PressureSignal {
                 RecordKind::KswapdWake => PressureSignal::KswapdWake,
                 RecordKind::OomVictim => PressureSignal::OomKill,
                 RecordKind::MemcgEvents => PressureSignal::MemcgEvent { item: event.order },
+                RecordKind::GrowthHint => PressureSignal::GrowthHint,
             },
             PressureKind::PsiTrigger => PressureSignal::PsiTrigger,
             PressureKind::MemoryEvents {
@@ -88,6 +92,7 @@ impl PressureSignal {
             PressureSignal::PsiTrigger => kind_names::PSI_TRIGGER,
             PressureSignal::MemoryEvents { .. } => kind_names::MEMORY_EVENTS,
             PressureSignal::PolledSample => kind_names::POLLED_SAMPLE,
+            PressureSignal::GrowthHint => "growth_hint",
         }
     }
 }

@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use monitor_ebpf::{
     FieldSlot, FieldSlots, GLOBAL_COALESCE_NS, GLOBAL_FIELDS, GLOBAL_TARGET_CGROUP_ID,
-    GLOBAL_TARGET_CGROUP_LEVEL, KindCounters, MAP_COUNTERS, MAP_EVENTS, PressureRecord, RecordKind,
-    TRACEPOINTS,
+    GLOBAL_TARGET_CGROUP_LEVEL, GrowthArm, KindCounters, MAP_COUNTERS, MAP_EVENTS, MAP_GROWTH_ARM,
+    PressureRecord, RecordKind, TRACEPOINTS,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -63,6 +63,31 @@ pub struct EbpfPipeline {
     attach: Vec<AttachStatus>,
     counters: CounterReader,
     run_stats: Option<OwnedFd>,
+    growth: Option<GrowthHint>,
+}
+
+/// Arms the in-kernel growth hint: after [`GrowthHint::arm`] with `budget` bytes, the
+/// programs send one [`RecordKind::GrowthHint`] once the watched subtree's mapped anonymous
+/// and shmem memory has grown by at most `budget` (possibly earlier, never later).
+pub struct GrowthHint {
+    map: Array<MapData, GrowthArm>,
+    epoch: u64,
+    cpus: u64,
+}
+
+impl GrowthHint {
+    /// Re-arms with a new budget (a new epoch: growth seen so far is forgotten).
+    pub fn arm(&mut self, budget: u64) -> anyhow::Result<()> {
+        self.epoch = self.epoch.wrapping_add(1).max(1);
+        let arm = GrowthArm {
+            epoch: self.epoch,
+            // Rounded up, never 0 (0 disarms): see GrowthArm on why a per-CPU share suffices.
+            share_bytes: budget.div_ceil(self.cpus).max(1),
+        };
+        self.map
+            .set(0, arm, 0)
+            .context("arming the growth hint (GROWTH_ARM map)")
+    }
 }
 
 /// Reads the per-kind counters (summed over CPUs) while the pipeline runs.
@@ -163,6 +188,29 @@ impl EbpfPipeline {
                 .ok_or_else(|| anyhow!("eBPF object has no {MAP_COUNTERS} map"))?,
         )
         .context("opening the counters map")?;
+        let rss_attached = attach
+            .iter()
+            .any(|a| a.tracepoint == "kmem:rss_stat" && a.attached());
+        let growth = if rss_attached {
+            let map = Array::try_from(
+                ebpf.take_map(MAP_GROWTH_ARM)
+                    .ok_or_else(|| anyhow!("eBPF object has no {MAP_GROWTH_ARM} map"))?,
+            )
+            .context("opening the growth-hint map")?;
+            let cpus = aya::util::nr_cpus()
+                .map_err(|(what, err)| anyhow!("{what}: {err}"))
+                .context("counting possible CPUs")? as u64;
+            Some(GrowthHint {
+                map,
+                epoch: 0,
+                cpus: cpus.max(1),
+            })
+        } else {
+            warn!(
+                "kmem:rss_stat not attached: growth below the threshold is only seen on reclaim or agent requests"
+            );
+            None
+        };
         Ok(EbpfPipeline {
             ebpf,
             attach,
@@ -170,6 +218,7 @@ impl EbpfPipeline {
                 map: Arc::new(Mutex::new(counters)),
             },
             run_stats,
+            growth,
         })
     }
 
@@ -222,6 +271,7 @@ impl EbpfPipeline {
             counters: self.counters,
             attach: self.attach,
             run_stats: self.run_stats,
+            growth: self.growth,
         })
     }
 }
@@ -234,9 +284,16 @@ pub struct AttachedPrograms {
     counters: CounterReader,
     attach: Vec<AttachStatus>,
     run_stats: Option<OwnedFd>,
+    growth: Option<GrowthHint>,
 }
 
 impl AttachedPrograms {
+    /// The growth-hint arm (once; `None` when kmem:rss_stat is not attached). Until it is
+    /// armed the hint stays silent.
+    pub fn take_growth_hint(&mut self) -> Option<GrowthHint> {
+        self.growth.take()
+    }
+
     /// Whether the kernel accumulates the programs' run statistics: asked for at load
     /// ([`EbpfOptions::run_stats`]) or `kernel.bpf_stats_enabled=1`.
     pub fn run_stats_enabled(&self) -> bool {
@@ -447,6 +504,7 @@ fn field_slots(tracefs: &TraceFs) -> FieldSlots {
     let kswapd = fmt("vmscan", "mm_vmscan_kswapd_wake");
     let oom = fmt("oom", "mark_victim");
     let memcg_events = fmt("memcg", "count_memcg_events");
+    let rss = fmt("kmem", "rss_stat");
     FieldSlots {
         reclaim_begin_order: slot(&memcg_begin, "order"),
         reclaim_begin_gfp: slot(&memcg_begin, "gfp_flags"),
@@ -457,7 +515,9 @@ fn field_slots(tracefs: &TraceFs) -> FieldSlots {
         memcg_id: slot(&memcg_events, "id"),
         memcg_item: slot(&memcg_events, "item"),
         memcg_val: slot(&memcg_events, "val"),
-        _pad: FieldSlot::default(),
+        rss_mm_id: slot(&rss, "mm_id"),
+        rss_member: slot(&rss, "member"),
+        rss_size: slot(&rss, "size"),
     }
 }
 
@@ -499,7 +559,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(PressureRecord, events), 56);
         assert_eq!(std::mem::offset_of!(PressureRecord, comm), 64);
         assert_eq!(std::mem::size_of::<KindCounters>(), 32);
-        assert_eq!(std::mem::size_of::<FieldSlots>(), 40);
+        assert_eq!(std::mem::size_of::<FieldSlots>(), 48);
     }
 
     #[test]
