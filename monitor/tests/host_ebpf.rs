@@ -261,6 +261,67 @@ async fn memcg_stat_tracepoint_reports_the_target_memcg_by_its_own_id() {
     );
 }
 
+/// Touches `mib` MiB of fresh anonymous memory and keeps it until dropped.
+fn touch_anon(mib: usize) -> Vec<u8> {
+    // A non-zero fill is a memset over the whole buffer: every page faults in.
+    let v = vec![1u8; mib << 20];
+    std::hint::black_box(&v);
+    v
+}
+
+fn hints(events: &[PressureEvent]) -> Vec<&PressureEvent> {
+    events
+        .iter()
+        .filter(|e| e.kind == PressureKind::Kernel(RecordKind::GrowthHint))
+        .collect()
+}
+
+/// kmem:rss_stat growth hint: silent until armed; once armed, anonymous growth past the
+/// budget sends at most one record per CPU (one per arm) carrying at least the CPU's share;
+/// re-arming starts a new epoch; every growth hit is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the host kernel; run by `cargo xtask test`"]
+async fn growth_hint_is_silent_until_armed_and_fires_once_per_arm() {
+    require_root();
+    let (mut programs, mut rx) = start(Duration::from_millis(10)).await;
+    let mut hint = programs
+        .take_growth_hint()
+        .expect("kmem:rss_stat attached on the host kernel");
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
+
+    // Not armed: growth is counted, nothing is sent (no target here, so the whole host counts).
+    let a = touch_anon(64);
+    let idle = drain(&mut rx).await;
+    assert!(hints(&idle).is_empty(), "hint before arming: {idle:?}");
+    drop(a);
+
+    let budget = 8u64 << 20;
+    for round in 1..=2 {
+        hint.arm(budget).expect("arming");
+        let a = touch_anon(64);
+        let b = touch_anon(64);
+        let events = drain(&mut rx).await;
+        drop((a, b));
+        let got = hints(&events);
+        println!("round {round}: {} hint(s): {got:?}", got.len());
+        assert!(!got.is_empty(), "round {round}: 128 MiB of growth, no hint");
+        assert!(
+            got.len() as u64 <= cpus,
+            "round {round}: {} hints for one arm on {cpus} CPUs",
+            got.len()
+        );
+        for h in &got {
+            assert!(
+                h.value >= budget.div_ceil(cpus),
+                "a hint below the CPU's share: {h:?}"
+            );
+        }
+    }
+    let c = programs.counters().snapshot().unwrap()[&RecordKind::GrowthHint];
+    assert!(c.coalesced > 0 && c.emitted >= 2, "{c:?}");
+    assert_eq!(c.seen, c.emitted + c.coalesced + c.dropped, "{c:?}");
+}
+
 fn count_by_kind(events: &[PressureEvent]) -> BTreeMap<RecordKind, u64> {
     let mut m = BTreeMap::new();
     for e in events {

@@ -151,7 +151,7 @@ async fn latency(
                 &format!("{kernel},{tier},{:.1}", startup.as_secs_f64() * 1e3),
             )?;
             for _ in 0..n {
-                let r = match ramp(&mon, cg, memhog)
+                let r = match ramp(&mon, cg, memhog, tier.ends_with("-guard"))
                     .await
                     .with_context(|| format!("{tier} ramp {}", done[t] + 1))?
                 {
@@ -171,7 +171,7 @@ async fn latency(
                             "kernel,tier,startup_ms",
                             &format!("{kernel},{tier},{:.1}", startup.as_secs_f64() * 1e3),
                         )?;
-                        ramp(&mon, cg, memhog)
+                        ramp(&mon, cg, memhog, tier.ends_with("-guard"))
                             .await
                             .with_context(|| format!("{tier} ramp {}", done[t] + 1))?
                             .context("memory.high not at 1 CU even with a fresh daemon")?
@@ -208,6 +208,8 @@ fn start(cg: &Cgroup, tier: &str) -> anyhow::Result<(Monitor, Duration)> {
     let started = Instant::now();
     let (signal, extra) = match tier.split_once('-') {
         Some((signal, "c0")) => (signal, vec!["--coalesce-ms".to_string(), "0".to_string()]),
+        // The memory.high guard, for comparison with the daemon as shipped (guard off).
+        Some((signal, "guard")) => (signal, vec!["--memory-high-guard".to_string()]),
         Some(_) => anyhow::bail!("unknown tier variant {tier}"),
         None => (tier, Vec::new()),
     };
@@ -242,15 +244,21 @@ struct Ramp {
     trigger: String,
 }
 
-/// One measured ramp; `None` if memory.high did not come back to the 1 CU value (the ramp
-/// would then cross the threshold before any reclaim, which is not the steady state).
-async fn ramp(mon: &Monitor, cg: &Cgroup, memhog: &Path) -> anyhow::Result<Option<Ramp>> {
+/// One measured ramp; `None` if memory.high is not where the daemon should hold it at 1 CU
+/// (`max` as shipped; the threshold with the guard, which may have stayed raised after the
+/// previous ramp, and the ramp would then cross the threshold before any reclaim).
+async fn ramp(
+    mon: &Monitor,
+    cg: &Cgroup,
+    memhog: &Path,
+    guard: bool,
+) -> anyhow::Result<Option<Ramp>> {
     let sizes = Sizes::for_allocation(GIB);
     let mut cfg = agent_config(mon.url());
     // Frame echo goes to the serial console, which costs guest CPU during the measurement.
     cfg.echo = false;
     let agent = connect_agent(cfg).await?;
-    if !wait_high(cg, sizes.memory_high).await? {
+    if !wait_high(cg, guard.then_some(sizes.memory_high)).await? {
         agent.close().await?;
         return Ok(None);
     }
@@ -316,10 +324,10 @@ async fn ramp(mon: &Monitor, cg: &Cgroup, memhog: &Path) -> anyhow::Result<Optio
 
 /// Waits (briefly) until the daemon applied the 1 CU memory.high (the fresh agent announced
 /// 1 CU); false if it did not.
-async fn wait_high(cg: &Cgroup, want: u64) -> anyhow::Result<bool> {
+async fn wait_high(cg: &Cgroup, want: Option<u64>) -> anyhow::Result<bool> {
     let deadline = Instant::now() + Duration::from_millis(1500);
     loop {
-        if cg.high()? == Some(want) {
+        if cg.high()? == want {
             return Ok(true);
         }
         if Instant::now() > deadline {
