@@ -43,11 +43,15 @@ pub struct Config {
     /// Recordings made before the field existed ran with the guard on.
     #[serde(default = "guard_in_old_recordings")]
     pub memory_high_guard: bool,
-    /// Smallest growth budget armed for the kernel's growth hint (16 MiB): the hint then asks
-    /// for a reading at most once per this much growth, also while usage stays over the
-    /// threshold (where the rate limit, not growth, paces requests).
+    /// Smallest growth budget armed for the kernel's growth hint below the threshold
+    /// (256 KiB, one 6.1 per-task batch): the budget never exceeds the headroom, so the hint
+    /// cannot fire after the crossing; this only bounds how often it fires just below it.
     #[serde(default = "default_growth_hint_floor")]
     pub growth_hint_floor: u64,
+    /// Growth budget while usage is at or over the threshold (16 MiB). There the re-check at
+    /// the rate limit paces the requests; a hint only refreshes the peak reading.
+    #[serde(default = "default_growth_hint_over")]
+    pub growth_hint_over: u64,
     /// Subtracted from the agent's allocation to get usable memory (100 MiB).
     pub sys_buffer: u64,
     /// File-cache sizing.
@@ -83,6 +87,10 @@ fn guard_in_old_recordings() -> bool {
 }
 
 fn default_growth_hint_floor() -> u64 {
+    256 << 10
+}
+
+fn default_growth_hint_over() -> u64 {
     16 * MIB
 }
 
@@ -94,6 +102,7 @@ impl Default for Config {
             manage_memory_high: true,
             memory_high_guard: false,
             growth_hint_floor: default_growth_hint_floor(),
+            growth_hint_over: default_growth_hint_over(),
             sys_buffer: 100 * MIB,
             file_cache: FileCacheConfig::default(),
             upscale_threshold_fraction: 0.85,

@@ -289,15 +289,19 @@ impl Policy {
 
     /// The growth hint to arm after the latest reading: `(reading time, budget)`. The kernel
     /// asks for a fresh reading once the cgroup's mapped non-reclaimable memory has grown by
-    /// `budget`; it is 7/8 of the headroom to the threshold (the rest covers growth between the
-    /// reading and the arming), at least [`Config::growth_hint_floor`]. Readings then come
-    /// closer together only as usage nears the threshold.
+    /// `budget`. Below the threshold it is 7/8 of the headroom (the rest covers growth between
+    /// the reading and the arming), at least [`Config::growth_hint_floor`], so readings come
+    /// closer together only as usage nears the threshold and the crossing is never passed
+    /// unseen; at or over it, [`Config::growth_hint_over`].
     pub fn growth_hint(&self) -> Option<(Duration, u64)> {
         if !self.started || !self.cfg.manage_cgroup || self.shutdown != ShutdownState::Running {
             return None;
         }
         let (at, reading) = self.latest?;
-        let headroom = self.threshold.saturating_sub(reading);
+        if reading >= self.threshold {
+            return Some((at, self.cfg.growth_hint_over));
+        }
+        let headroom = self.threshold - reading;
         Some((
             at,
             (headroom - headroom / 8).max(self.cfg.growth_hint_floor),

@@ -1389,7 +1389,13 @@ fn growth_hint_budget_is_most_of_the_headroom_with_a_floor() {
     run(&mut p, reading(ms(100), t - 800 * MIB));
     assert_eq!(p.growth_hint(), Some((ms(100), 700 * MIB)));
     run(&mut p, reading(ms(200), t - 8 * MIB));
-    assert_eq!(p.growth_hint(), Some((ms(200), 16 * MIB)), "floor");
+    assert_eq!(
+        p.growth_hint(),
+        Some((ms(200), 7 * MIB)),
+        "never past the crossing"
+    );
+    run(&mut p, reading(ms(250), t - 64 * 1024));
+    assert_eq!(p.growth_hint(), Some((ms(250), 256 * 1024)), "floor");
     run(&mut p, reading(ms(300), t + 100 * MIB));
     assert_eq!(
         p.growth_hint(),
@@ -1407,8 +1413,10 @@ fn config_from_old_recordings_keeps_the_guard() {
     let obj = v.as_object_mut().unwrap();
     obj.remove("memory_high_guard");
     obj.remove("growth_hint_floor");
+    obj.remove("growth_hint_over");
     let old: Config = serde_json::from_value(v).unwrap();
     assert!(old.memory_high_guard);
     assert_eq!(old.growth_hint_floor, Config::default().growth_hint_floor);
+    assert_eq!(old.growth_hint_over, Config::default().growth_hint_over);
     assert!(!Config::default().memory_high_guard);
 }
