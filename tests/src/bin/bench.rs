@@ -17,12 +17,18 @@
 //!   `BENCH_STORM_SECS`: the kernel's counters and the daemon's deliveries from /metrics, its
 //!   CPU time and RSS (sampled every second).
 //!
-//! `BENCH_PARTS` (comma-separated: latency, idle, overhead, storm) selects parts. The daemon
+//! - Managed overhead: the daemon as it ships (ebpf, agent at 1 CU, memory.high as shipped),
+//!   the daemon with `--memory-high-guard`, and no daemon at all, rotating per round, on
+//!   workloads that keep non-reclaimable memory below the threshold: a page-cache read of
+//!   1.5 × the threshold and an anonymous ramp to 64 MiB below it. Per run: wall time, the
+//!   cgroup's PSI some/full stall, memory.events high, daemon CPU, UpscaleRequests.
+//!
+//! `BENCH_PARTS` (comma-separated: latency, idle, overhead, storm, managed) selects parts. The daemon
 //! runs without `--pgconnstr` (no Postgres): the file cache plays no part in any of this, and
 //! skipping Postgres saves minutes per boot under TCG.
 //!
 //! Output in `$VM_MONITOR_OUT/bench/`: `latency.csv`, `idle.csv`, `startup.csv`,
-//! `overhead.csv`, `bpf-cost.csv`, `storm.csv`, `storm-rss.csv`, `meta.txt`.
+//! `overhead.csv`, `bpf-cost.csv`, `storm.csv`, `storm-rss.csv`, `managed.csv`, `meta.txt`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,7 +45,7 @@ use tests::scenario::{
 /// in-kernel coalescing off (`--coalesce-ms 0`), to see what the 10 ms default costs.
 const TIERS: &str = "ebpf,psi,poll";
 /// Every part, in the order they run.
-const PARTS: &str = "latency,idle,overhead,storm";
+const PARTS: &str = "latency,idle,overhead,storm,managed";
 /// Anonymous memory is pre-grown quickly to this far below the threshold; only the last stretch
 /// is the measured ramp (keeps each ramp ~1 s under TCG).
 const PRE_GAP: u64 = 96 * MIB;
@@ -105,6 +111,10 @@ async fn run() -> anyhow::Result<()> {
                 ),
             )?;
         }
+    }
+    if parts.contains(&"managed") {
+        let rounds = env_u64("BENCH_OVERHEAD_PAIRS", 5);
+        managed(&out, &cg, &memhog, &kernel, rounds).await?;
     }
     if parts.contains(&"overhead") || parts.contains(&"storm") {
         tests::scenario::ensure_zram_swap(768)?;
@@ -614,4 +624,111 @@ async fn storm(
 /// Whether a `kind` label of `vm_monitor_pressure_records_total` is a kernel (eBPF) kind.
 fn monitor_kind(kind: &str) -> bool {
     !matches!(kind, "psi_trigger" | "memory_events" | "polled_sample")
+}
+
+/// Modes of the managed-overhead part: no daemon, the daemon as shipped, the guard.
+const MANAGED_MODES: [&str; 3] = ["none", "ebpf", "ebpf-guard"];
+
+fn drop_caches() -> anyhow::Result<()> {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
+}
+
+/// UpscaleRequests the agent has received and not yet been asked about.
+async fn drain_requests(agent: &tests::agent::FakeAgent) -> u64 {
+    let mut n = 0;
+    while agent
+        .wait_for_upscale_request(Duration::from_millis(1))
+        .await
+        .is_ok()
+    {
+        n += 1;
+    }
+    n
+}
+
+async fn managed(
+    out: &CsvDir,
+    cg: &Cgroup,
+    memhog: &Path,
+    kernel: &str,
+    rounds: u64,
+) -> anyhow::Result<()> {
+    let sizes = Sizes::for_allocation(GIB);
+    let read_bytes = sizes.threshold / 2 * 3;
+    let fs = Ext4Scratch::mount(read_bytes / MIB + 64)?;
+    let file = fs.sparse_file("managed", read_bytes)?;
+    for round in 1..=rounds {
+        for k in 0..MANAGED_MODES.len() {
+            let mode = MANAGED_MODES[(k + round as usize) % MANAGED_MODES.len()];
+            let (mut mon, agent) = if mode == "none" {
+                cg.write("memory.high", "max")?;
+                (None, None)
+            } else {
+                let (mon, _) = start(cg, mode)?;
+                let mut cfg = agent_config(mon.url());
+                cfg.echo = false;
+                let agent = connect_agent(cfg).await?;
+                let guard = mode.ends_with("-guard");
+                ensure!(
+                    wait_high(cg, guard.then_some(sizes.memory_high)).await?,
+                    "{mode}: memory.high not where the daemon holds it at 1 CU"
+                );
+                (Some(mon), Some(agent))
+            };
+            for workload in ["page-cache-read", "anon-below-threshold"] {
+                drop_caches()?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Some(a) = &agent {
+                    drain_requests(a).await;
+                }
+                let psi0 = cg.pressure()?;
+                let high0 = cg.event("high")?;
+                let cpu0 = match &mon {
+                    Some(m) => Some(ProcSample::read(m.pid())?),
+                    None => None,
+                };
+                let t0 = Instant::now();
+                if workload == "page-cache-read" {
+                    fs.read_in(cg, &file)?;
+                } else {
+                    let mut hog = MemHog::start(cg, memhog)?;
+                    let base = cg.non_reclaimable()?;
+                    let target = sizes.threshold.saturating_sub(base + 64 * MIB) / MIB;
+                    hog.grow(target, 4, Duration::from_millis(20))?;
+                    hog.wait_held(Duration::from_secs(300))?;
+                    hog.free()?;
+                }
+                let secs = t0.elapsed().as_secs_f64();
+                let psi1 = cg.pressure()?;
+                let high = cg.event("high")? - high0;
+                let cpu_ms = match (&mon, &cpu0) {
+                    (Some(m), Some(c0)) => ProcSample::read(m.pid())?.cpu_ms_since(c0),
+                    _ => 0.0,
+                };
+                let requests = match &agent {
+                    Some(a) => drain_requests(a).await,
+                    None => 0,
+                };
+                let some_us = psi1.some.total_us - psi0.some.total_us;
+                let full_us = psi1.full.total_us - psi0.full.total_us;
+                eprintln!(
+                    "bench: {kernel} managed round {round} {mode} {workload}: {secs:.2} s, PSI full {:.1} ms / some {:.1} ms, memory.events high +{high}, daemon CPU {cpu_ms:.0} ms, {requests} UpscaleRequests",
+                    full_us as f64 / 1e3,
+                    some_us as f64 / 1e3
+                );
+                out.append(
+                    "managed.csv",
+                    "kernel,round,mode,workload,seconds,psi_some_us,psi_full_us,high_events,daemon_cpu_ms,upscale_requests",
+                    &format!(
+                        "{kernel},{round},{mode},{workload},{secs:.4},{some_us},{full_us},{high},{cpu_ms:.1},{requests}"
+                    ),
+                )?;
+            }
+            drop(agent);
+            if let Some(m) = mon.as_mut() {
+                ensure!(m.terminate()?.success(), "{mode}: daemon exit failed");
+            }
+        }
+    }
+    Ok(())
 }

@@ -103,6 +103,81 @@ pub struct KernelData {
     pub bpf_cost: Vec<ProgramCost>,
     pub storm: Vec<StormRun>,
     pub host_start: Vec<HostStart>,
+    pub managed: Vec<ManagedRun>,
+}
+
+/// One run of the managed-overhead part: a workload under one mode (`none`, `ebpf`,
+/// `ebpf-guard`).
+#[derive(Clone, Debug)]
+pub struct ManagedRun {
+    pub mode: String,
+    pub workload: String,
+    pub secs: f64,
+    pub psi_some_us: f64,
+    pub psi_full_us: f64,
+    pub high_events: f64,
+    pub daemon_cpu_ms: f64,
+    pub upscale_requests: f64,
+}
+
+/// Medians of the managed-overhead runs of one mode and workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManagedSummary {
+    pub mode: String,
+    pub workload: String,
+    pub n: usize,
+    pub secs_p50: f64,
+    pub psi_full_ms_p50: f64,
+    pub psi_some_ms_p50: f64,
+    /// Summed over the runs.
+    pub high_events: f64,
+    pub cpu_pct_p50: f64,
+    pub upscale_requests: f64,
+}
+
+impl KernelData {
+    /// Per (workload, mode) medians, in the order first measured.
+    pub fn managed_summary(&self) -> Vec<ManagedSummary> {
+        let mut keys: Vec<(String, String)> = Vec::new();
+        for m in &self.managed {
+            let k = (m.workload.clone(), m.mode.clone());
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        keys.sort();
+        keys.into_iter()
+            .map(|(workload, mode)| {
+                let runs: Vec<&ManagedRun> = self
+                    .managed
+                    .iter()
+                    .filter(|m| m.workload == workload && m.mode == mode)
+                    .collect();
+                let p50 = |f: &dyn Fn(&ManagedRun) -> f64| {
+                    let v: Vec<f64> = runs.iter().map(|m| f(m)).collect();
+                    percentile(&v, 50.0).unwrap_or(f64::NAN)
+                };
+                ManagedSummary {
+                    n: runs.len(),
+                    secs_p50: p50(&|m| m.secs),
+                    psi_full_ms_p50: p50(&|m| m.psi_full_us / 1e3),
+                    psi_some_ms_p50: p50(&|m| m.psi_some_us / 1e3),
+                    high_events: runs.iter().map(|m| m.high_events).sum(),
+                    cpu_pct_p50: p50(&|m| m.cpu_pct()),
+                    upscale_requests: runs.iter().map(|m| m.upscale_requests).sum(),
+                    mode,
+                    workload,
+                }
+            })
+            .collect()
+    }
+}
+
+impl ManagedRun {
+    /// Daemon CPU as a share of the workload's wall time, in percent.
+    pub fn cpu_pct(&self) -> f64 {
+        self.daemon_cpu_ms / (self.secs * 1e3).max(1e-9) * 100.0
+    }
 }
 
 impl KernelData {
@@ -142,6 +217,7 @@ impl KernelData {
             bpf_cost: Vec::new(),
             storm: Vec::new(),
             host_start: Vec::new(),
+            managed: Vec::new(),
         };
         for row in read_csv(&dir.join("latency.csv"))? {
             let tier = field(&row, "tier")?.to_owned();
@@ -206,6 +282,18 @@ impl KernelData {
                 rss_first_kib: num(&row, "rss_first_kib")?,
                 rss_end_kib: num(&row, "rss_end_kib")?,
                 rss_peak_kib: num(&row, "rss_peak_kib")?,
+            });
+        }
+        for row in read_csv(&dir.join("managed.csv"))? {
+            data.managed.push(ManagedRun {
+                mode: field(&row, "mode")?.to_owned(),
+                workload: field(&row, "workload")?.to_owned(),
+                secs: num(&row, "seconds")?,
+                psi_some_us: num(&row, "psi_some_us")?,
+                psi_full_us: num(&row, "psi_full_us")?,
+                high_events: num(&row, "high_events")?,
+                daemon_cpu_ms: num(&row, "daemon_cpu_ms")?,
+                upscale_requests: num(&row, "upscale_requests")?,
             });
         }
         for row in read_csv(&dir.join("host-startup.csv"))? {
@@ -436,6 +524,39 @@ mod tests {
         let mut d = KernelData::load("6.12", Path::new("/nonexistent")).unwrap();
         d.overhead = overhead;
         d
+    }
+
+    #[test]
+    fn managed_summary_groups_by_workload_and_mode() {
+        let run = |mode: &str, workload: &str, secs, full_us, high, cpu_ms| ManagedRun {
+            mode: mode.into(),
+            workload: workload.into(),
+            secs,
+            psi_some_us: full_us * 2.0,
+            psi_full_us: full_us,
+            high_events: high,
+            daemon_cpu_ms: cpu_ms,
+            upscale_requests: 0.0,
+        };
+        let mut d = data_with(Vec::new());
+        d.managed = vec![
+            run("none", "read", 10.0, 0.0, 0.0, 0.0),
+            run("ebpf", "read", 10.0, 0.0, 0.0, 20.0),
+            run("ebpf-guard", "read", 12.0, 2e6, 800.0, 900.0),
+            run("ebpf", "read", 20.0, 0.0, 0.0, 20.0),
+            run("ebpf-guard", "read", 14.0, 4e6, 900.0, 1100.0),
+        ];
+        let s = d.managed_summary();
+        assert_eq!(s.len(), 3);
+        let guard = s.iter().find(|m| m.mode == "ebpf-guard").unwrap();
+        assert_eq!(
+            (guard.n, guard.secs_p50, guard.high_events),
+            (2, 13.0, 1700.0)
+        );
+        assert_eq!(guard.psi_full_ms_p50, 3000.0);
+        let ebpf = s.iter().find(|m| m.mode == "ebpf").unwrap();
+        // 20 ms of 10 s and of 20 s: 0.2 % and 0.1 %, median 0.15 %.
+        assert!((ebpf.cpu_pct_p50 - 0.15).abs() < 1e-9, "{ebpf:?}");
     }
 
     #[test]

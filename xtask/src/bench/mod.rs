@@ -24,7 +24,7 @@ use crate::vm::{self, VmRun};
 use data::KernelData;
 
 /// Parts of the VM run, in the order the driver runs them.
-const PARTS: [&str; 4] = ["latency", "idle", "overhead", "storm"];
+const PARTS: [&str; 5] = ["latency", "idle", "overhead", "storm", "managed"];
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -54,7 +54,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "ebpf,psi,poll")]
     tiers: String,
     /// VM parts to run, comma-separated (latency, idle, overhead, storm).
-    #[arg(long, default_value = "latency,idle,overhead,storm")]
+    #[arg(long, default_value = "latency,idle,overhead,storm,managed")]
     parts: String,
     /// Skip the host-kernel part (start-up, overhead, storms with `vm-monitor trace`).
     #[arg(long)]
@@ -95,7 +95,11 @@ pub fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
     let block = 5.min(ramps.max(1));
     // Generous: a TCG ramp takes a few seconds, a stalled guest much longer.
     let timeout = Duration::from_secs(
-        600 + ramps * 3 * 30 + idle_secs * 3 * 2 + pairs * 2 * 120 + storm_secs * 2 * 4,
+        600 + ramps * 3 * 30
+            + idle_secs * 3 * 2
+            + pairs * 2 * 120
+            + storm_secs * 2 * 4
+            + pairs * 3 * 2 * 120,
     );
 
     let dest = target.join("bench");
