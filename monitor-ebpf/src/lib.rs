@@ -45,6 +45,7 @@ pub enum RecordKind {
     /// `kmem:rss_stat` in the watched subtree: anonymous/shmem pages mapped by its tasks grew
     /// by the armed budget since userspace last armed it ([`GrowthArm`]); a "look now" hint,
     /// not a measurement. `value` = bytes of growth this CPU saw, `order` = rss member.
+    /// Growth hits not sent count as coalesced, whatever the coalescing window.
     GrowthHint = 8,
 }
 

@@ -139,7 +139,10 @@ async fn memcg_reclaim_events_arrive_with_stall_and_counters_add_up() {
             c.emitted + c.coalesced + c.dropped,
             "{kind:?}: {c:?}"
         );
-        assert_eq!(c.coalesced, 0, "{kind:?}: coalescing was off");
+        // The growth hint folds every hit of an arm into its one record, whatever the window.
+        if *kind != RecordKind::GrowthHint {
+            assert_eq!(c.coalesced, 0, "{kind:?}: coalescing was off");
+        }
         let got = received.get(kind).copied().unwrap_or(0);
         let low = before.get(kind).map(|c| c.emitted).unwrap_or(0);
         assert!(
