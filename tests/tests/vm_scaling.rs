@@ -661,8 +661,10 @@ async fn s7_metrics_and_recording_follow_a_scaling_run() {
     let _ = std::fs::remove_dir_all(&record_dir);
     let cg = Cgroup::create(CGROUP).unwrap();
     let pg = Postgres::start(&cg, "s7").unwrap();
-    let mut opts = MonitorOptions::new("ebpf", Some(pg.connstr()));
-    opts.extra = vec!["--record-dir".into(), record_dir.display().to_string()];
+    let mut opts = options("ebpf", Some(pg.connstr()), true);
+    // The guard on: its memcg reclaim and memory.high steps are series this run must show.
+    opts.extra
+        .extend(["--record-dir".into(), record_dir.display().to_string()]);
     let mut monitor = Monitor::start(&cg, &opts).unwrap();
     let env_sizes = Sizes::for_allocation(GIB);
 
