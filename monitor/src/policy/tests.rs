@@ -290,6 +290,29 @@ fn second_start_is_ignored() {
     assert_eq!(p, before);
 }
 
+/// `rounds` pressure events over the threshold, 10 ms apart, each followed by a due tick, then
+/// a grant of 4 GiB at 1 s.
+fn pressure_then_grant(p: &mut Policy, rounds: u64) -> Vec<Action> {
+    let mut all = Vec::new();
+    for i in 0..rounds {
+        all.extend(run(p, pressure(ms(10 + i * 10), 1900 * MIB)));
+        all.extend(run(
+            p,
+            Input::Tick {
+                at: ms(15 + i * 10),
+            },
+        ));
+    }
+    all.extend(run(
+        p,
+        Input::UpscaleNotification {
+            at: ms(1000),
+            granted_mem: 4 * GIB,
+        },
+    ));
+    all
+}
+
 #[test]
 fn no_memory_high_mode_never_writes_it() {
     let cfg = Config {
@@ -297,23 +320,7 @@ fn no_memory_high_mode_never_writes_it() {
         ..guarded()
     };
     let mut p = started_at(cfg, 2 * GIB);
-    let mut all = Vec::new();
-    for i in 0..50 {
-        all.extend(run(&mut p, pressure(ms(10 + i * 10), 1900 * MIB)));
-        all.extend(run(
-            &mut p,
-            Input::Tick {
-                at: ms(15 + i * 10),
-            },
-        ));
-    }
-    all.extend(run(
-        &mut p,
-        Input::UpscaleNotification {
-            at: ms(1000),
-            granted_mem: 4 * GIB,
-        },
-    ));
+    let mut all = pressure_then_grant(&mut p, 50);
     all.extend(run(&mut p, reading(ms(1100), 100 * MIB)));
     all.extend(run(
         &mut p,
@@ -1331,22 +1338,7 @@ fn default_mode_writes_only_max_and_never_limits() {
             mem_total: 2 * GIB,
         },
     ));
-    for i in 0..20 {
-        all.extend(run(&mut p, pressure(ms(10 + i * 10), 1900 * MIB)));
-        all.extend(run(
-            &mut p,
-            Input::Tick {
-                at: ms(15 + i * 10),
-            },
-        ));
-    }
-    all.extend(run(
-        &mut p,
-        Input::UpscaleNotification {
-            at: ms(1000),
-            granted_mem: 4 * GIB,
-        },
-    ));
+    all.extend(pressure_then_grant(&mut p, 20));
     all.extend(run(&mut p, Input::Shutdown { at: ms(1200) }));
     assert_eq!(
         highs(&all),
