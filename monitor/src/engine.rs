@@ -147,6 +147,9 @@ impl Engine {
 
         let mut burst = Vec::with_capacity(MAX_BURST);
         loop {
+            // Once per wake-up, not per input: a burst of events shares one reading, and
+            // re-arming is a syscall.
+            self.follow_readings();
             tokio::select! {
                 biased;
                 changed = shutdown.changed() => {
@@ -407,7 +410,6 @@ impl Engine {
         if let Some(m) = &self.metrics {
             m.policy_state(&self.policy);
         }
-        self.follow_readings();
     }
 
     /// Keeps the kernel's growth hint and the over-threshold re-check where the policy wants

@@ -561,6 +561,16 @@ impl FakeAgent {
             .ok_or_else(|| anyhow!("agent stopped"))
     }
 
+    /// Takes the `UpscaleRequest`s already received and not yet waited for; returns how many.
+    pub async fn take_upscale_requests(&self) -> u64 {
+        let mut rx = self.shared.upscale_rx.lock().await;
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
     /// Sends one health check now and waits for its reply.
     pub async fn health_check(&self) -> Result<Reply, RequestError> {
         let conn = self.shared.current().ok_or(RequestError::NotConnected)?;

@@ -449,11 +449,7 @@ async fn s8_ungranted_upscale_is_repeated_and_every_crossing_is_seen() {
         hog.free().unwrap();
         // Below the threshold again: the requests stop.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        while agent
-            .wait_for_upscale_request(Duration::from_millis(10))
-            .await
-            .is_ok()
-        {}
+        agent.take_upscale_requests().await;
         assert!(
             agent
                 .wait_for_upscale_request(Duration::from_secs(2))

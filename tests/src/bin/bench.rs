@@ -633,19 +633,6 @@ fn drop_caches() -> anyhow::Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
 }
 
-/// UpscaleRequests the agent has received and not yet been asked about.
-async fn drain_requests(agent: &tests::agent::FakeAgent) -> u64 {
-    let mut n = 0;
-    while agent
-        .wait_for_upscale_request(Duration::from_millis(1))
-        .await
-        .is_ok()
-    {
-        n += 1;
-    }
-    n
-}
-
 async fn managed(
     out: &CsvDir,
     cg: &Cgroup,
@@ -679,7 +666,7 @@ async fn managed(
                 drop_caches()?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Some(a) = &agent {
-                    drain_requests(a).await;
+                    a.take_upscale_requests().await;
                 }
                 let psi0 = cg.pressure()?;
                 let high0 = cg.event("high")?;
@@ -706,7 +693,7 @@ async fn managed(
                     _ => 0.0,
                 };
                 let requests = match &agent {
-                    Some(a) => drain_requests(a).await,
+                    Some(a) => a.take_upscale_requests().await,
                     None => 0,
                 };
                 let some_us = psi1.some.total_us - psi0.some.total_us;
