@@ -9,8 +9,10 @@
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Per-CPU array of [`KindCounters`], indexed by [`RecordKind`] value.
 pub const MAP_COUNTERS: &str = "COUNTERS";
-/// Array (one [`GrowthArm`]) through which userspace arms the growth hint.
+/// Per-CPU array (one [`GrowthArm`] per CPU) through which userspace arms the growth hint.
 pub const MAP_GROWTH_ARM: &str = "GROWTH_ARM";
+/// Per-CPU array (one [`GrowthCpu`] per CPU): growth each CPU has seen since load.
+pub const MAP_GROWTH_CPU: &str = "GROWTH_CPU";
 /// Ring-buffer size in bytes (power of two, multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
@@ -43,8 +45,9 @@ pub enum RecordKind {
     /// `value` = count. The cgroup id comes from the event itself.
     MemcgEvents = 7,
     /// `kmem:rss_stat` in the watched subtree: anonymous/shmem pages mapped by its tasks grew
-    /// by the armed budget since userspace last armed it ([`GrowthArm`]); a "look now" hint,
-    /// not a measurement. `value` = bytes of growth this CPU saw, `order` = rss member.
+    /// by the armed budget since userspace's last snapshot ([`GrowthArm`]); a "look now" hint,
+    /// not a measurement. `value` = this CPU's running growth total ([`GrowthCpu::grown`]),
+    /// `order` = rss member.
     /// Growth hits not sent count as coalesced, whatever the coalescing window.
     GrowthHint = 8,
 }
@@ -178,17 +181,30 @@ pub const RSS_MEMBER_ANON: u64 = 1;
 /// See [`RSS_MEMBER_ANON`].
 pub const RSS_MEMBER_SHMEM: u64 = 3;
 
-/// How the growth hint is armed. Each CPU sums the growth it sees since `epoch` changed and
-/// sends one [`RecordKind::GrowthHint`] when its sum reaches `share_bytes`; then it stays
-/// quiet until userspace re-arms (a new `epoch`). Userspace sets `share_bytes` to its budget
-/// divided by the number of possible CPUs: if the subtree grew by the budget, at least one
-/// CPU saw its share (pigeonhole), so a per-CPU sum never needs a cross-CPU atomic.
-/// `share_bytes == 0` disarms.
+/// How the growth hint is armed, per CPU. Each CPU keeps a running total of the growth it
+/// sees ([`GrowthCpu::grown`], never reset) and sends one [`RecordKind::GrowthHint`] when the
+/// total reaches `threshold`; then it stays quiet until userspace re-arms (a new `epoch`).
+///
+/// Userspace snapshots every CPU's total *before* each memory.stat reading and arms with
+/// `threshold = snapshot + budget ÷ possible CPUs`: growth that happens while it reads and
+/// decides is already counted (an early hint, never a late one), and if the subtree grew by
+/// the budget, at least one CPU saw its share (pigeonhole), so no cross-CPU atomic is needed.
+/// `epoch == 0` is disarmed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GrowthArm {
     pub epoch: u64,
-    pub share_bytes: u64,
+    pub threshold: u64,
+}
+
+/// One CPU's growth-hint state, written only by the programs on that CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrowthCpu {
+    /// Bytes of growth seen on this CPU since the programs were loaded.
+    pub grown: u64,
+    /// The last epoch this CPU sent a hint for.
+    pub fired_epoch: u64,
 }
 
 /// Tracepoints the programs attach to: (program name in the object, category, event).
@@ -221,6 +237,7 @@ const _: () = assert!(core::mem::align_of::<PressureRecord>() == 8);
 const _: () = assert!(core::mem::size_of::<KindCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<FieldSlots>() == 48);
 const _: () = assert!(core::mem::size_of::<GrowthArm>() == 16);
+const _: () = assert!(core::mem::size_of::<GrowthCpu>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
@@ -233,4 +250,6 @@ mod user {
     unsafe impl aya::Pod for super::FieldSlots {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GrowthArm {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GrowthCpu {}
 }

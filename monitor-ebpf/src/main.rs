@@ -11,13 +11,13 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns,
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::info;
 use monitor_ebpf::{
-    EVENTS_RING_BYTES, FieldSlot, FieldSlots, GrowthArm, KIND_SLOTS, KindCounters, PressureRecord,
-    RSS_MEMBER_ANON, RSS_MEMBER_SHMEM, RecordKind,
+    EVENTS_RING_BYTES, FieldSlot, FieldSlots, GrowthArm, GrowthCpu, KIND_SLOTS, KindCounters,
+    PressureRecord, RSS_MEMBER_ANON, RSS_MEMBER_SHMEM, RecordKind,
 };
 
 // ---- load-time configuration (set by userspace with `EbpfLoader::override_global`) ----
@@ -64,12 +64,12 @@ static DIRECT_BEGIN: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
 #[map]
 static COALESCE: LruHashMap<CoalesceKey, CoalesceState> = LruHashMap::with_max_entries(4096, 0);
 
-/// Growth-hint arming, written by userspace after every reading (see [`GrowthArm`]).
+/// Growth-hint arming per CPU, written by userspace after every reading (see [`GrowthArm`]).
 #[map(name = "GROWTH_ARM")]
-static GROWTH_ARM: Array<GrowthArm> = Array::with_max_entries(1, 0);
+static GROWTH_ARM: PerCpuArray<GrowthArm> = PerCpuArray::with_max_entries(1, 0);
 
-/// Growth seen by this CPU since the arm's epoch changed.
-#[map]
+/// Growth seen by this CPU since load (see [`GrowthCpu`]); userspace reads it, never writes.
+#[map(name = "GROWTH_CPU")]
 static GROWTH_CPU: PerCpuArray<GrowthCpu> = PerCpuArray::with_max_entries(1, 0);
 
 /// Last anon/shmem counter seen per mm (`mm_id`), to turn rss_stat's absolute sizes into
@@ -77,13 +77,6 @@ static GROWTH_CPU: PerCpuArray<GrowthCpu> = PerCpuArray::with_max_entries(1, 0);
 /// processes age out.
 #[map]
 static MM_LAST: LruHashMap<u32, MmLast> = LruHashMap::with_max_entries(8192, 0);
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct GrowthCpu {
-    epoch: u64,
-    grown: u64,
-}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -440,29 +433,25 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
         return 0;
     };
     c.seen += 1;
-    let Some(arm) = GROWTH_ARM.get(0) else {
-        c.coalesced += 1;
-        return 0;
-    };
-    // SAFETY: volatile read of the map value userspace updates in place.
-    let arm = unsafe { core::ptr::read_volatile(arm) };
     let Some(cpu) = GROWTH_CPU.get_ptr_mut(0) else {
         c.coalesced += 1;
         return 0;
     };
     // SAFETY: per-CPU slot, ours while the program runs (migration is disabled).
     let cpu = unsafe { &mut *cpu };
-    if cpu.epoch != arm.epoch {
-        cpu.epoch = arm.epoch;
-        cpu.grown = 0;
-    }
-    let before = cpu.grown;
-    cpu.grown = before.saturating_add(grown);
-    // Disarmed, already fired in this epoch, or the share not reached yet: counted only.
-    if arm.share_bytes == 0 || before >= arm.share_bytes || cpu.grown < arm.share_bytes {
+    cpu.grown = cpu.grown.saturating_add(grown);
+    let Some(arm) = GROWTH_ARM.get_ptr(0) else {
+        c.coalesced += 1;
+        return 0;
+    };
+    // SAFETY: volatile read of this CPU's slot, which userspace replaces as a whole.
+    let arm = unsafe { core::ptr::read_volatile(arm) };
+    // Disarmed, already fired in this epoch, or the threshold not reached yet: counted only.
+    if arm.epoch == 0 || cpu.fired_epoch == arm.epoch || cpu.grown < arm.threshold {
         c.coalesced += 1;
         return 0;
     }
+    cpu.fired_epoch = arm.epoch;
     let hit = Hit {
         kind: RecordKind::GrowthHint,
         ts_ns: now_ns(),
@@ -472,7 +461,8 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
         gfp_flags: 0,
         order: member as i32,
     };
-    send(c, &hit, 1, 0, cpu.grown, false);
+    // At most one per arm and the reason a reading is due now: wake the consumer at once.
+    send(c, &hit, 1, 0, cpu.grown, true);
     0
 }
 

@@ -16,7 +16,7 @@ use crate::filecache::FileCache;
 use crate::logging::warn_limited;
 use crate::metrics::Metrics;
 use crate::policy::{Action, Decision, DecisionKind, Effect, Input, Policy, PressureSignal};
-use crate::pressure::ebpf::GrowthHint;
+use crate::pressure::ebpf::{GrowthHint, GrowthSnapshot};
 use crate::pressure::{PressureEvent, PressureKind, boottime_ns};
 use crate::record::Recorder;
 
@@ -75,6 +75,8 @@ pub fn spawn(
         recorder: parts.recorder,
         growth_hint: parts.growth_hint,
         armed: None,
+        growth_base: GrowthSnapshot::default(),
+        read_now: false,
         recheck_at: None,
     };
     let task = tokio::spawn(engine.run(parts.mem_total, pressure, calls_rx, shutdown));
@@ -106,6 +108,11 @@ struct Engine {
     growth_hint: Option<GrowthHint>,
     /// The policy's growth hint last armed (reading time, budget).
     armed: Option<(Duration, u64)>,
+    /// Growth totals taken just before the last successful reading: the next arm counts
+    /// from there.
+    growth_base: GrowthSnapshot,
+    /// The hint was already reached when armed: read at the next chance.
+    read_now: bool,
     /// Policy-requested fresh reading while usage stays over the threshold (boot-clock ns).
     recheck_at: Option<u64>,
 }
@@ -178,6 +185,8 @@ impl Engine {
                 }
                 () = sleep_until(self.recheck_at) => {
                     self.recheck_at = None;
+                    // Once: a failing reading must not spin.
+                    self.read_now = false;
                     self.feed_reading().await;
                 }
                 () = sleep_until(self.fc_retry_at) => {
@@ -242,9 +251,17 @@ impl Engine {
         let needs_reading = burst
             .iter()
             .any(|ev| !matches!(ev.kind, PressureKind::PolledSample { .. }));
+        let base = if needs_reading {
+            self.growth_snapshot()
+        } else {
+            None
+        };
         let reading = match &self.cgroup {
             Some(cg) if needs_reading => match cg.stat() {
-                Ok(s) => Some(s.non_reclaimable()),
+                Ok(s) => {
+                    self.reading_taken(base);
+                    Some(s.non_reclaimable())
+                }
                 Err(err) => {
                     // Would repeat on every burst while the file stays unreadable.
                     warn_limited!(error = %format!("{err:#}"), "cannot read memory.stat on a pressure event");
@@ -271,12 +288,14 @@ impl Engine {
     }
 
     async fn feed_reading(&mut self) {
+        let base = self.growth_snapshot();
         let Some(cg) = &self.cgroup else { return };
         let reading = cg
             .stat()
             .and_then(|s| Ok((s.non_reclaimable(), cg.current()?)));
         match reading {
             Ok((non_reclaimable, current)) => {
+                self.reading_taken(base);
                 self.feed(Input::Reading {
                     at: now(),
                     non_reclaimable,
@@ -412,13 +431,38 @@ impl Engine {
         }
     }
 
+    /// The growth totals right now, to count the next hint from if the reading that follows
+    /// succeeds. `None` without a hint (or when the map cannot be read: then the next arm
+    /// counts from the last good snapshot, which only makes the hint earlier).
+    fn growth_snapshot(&self) -> Option<GrowthSnapshot> {
+        let hint = self.growth_hint.as_ref()?;
+        match hint.snapshot() {
+            Ok(s) => Some(s),
+            Err(err) => {
+                warn_limited!(error = %format!("{err:#}"), "reading the growth totals failed");
+                None
+            }
+        }
+    }
+
+    /// A reading succeeded: the snapshot taken before it is the next arm's base.
+    fn reading_taken(&mut self, base: Option<GrowthSnapshot>) {
+        self.read_now = false;
+        if let Some(base) = base {
+            self.growth_base = base;
+        }
+    }
+
     /// Keeps the kernel's growth hint and the over-threshold re-check where the policy wants
     /// them after its latest reading.
     fn follow_readings(&mut self) {
-        self.recheck_at = self
-            .policy
-            .recheck_at()
-            .map(|at| u64::try_from(at.as_nanos()).unwrap_or(u64::MAX));
+        self.recheck_at = if self.read_now {
+            Some(0)
+        } else {
+            self.policy
+                .recheck_at()
+                .map(|at| u64::try_from(at.as_nanos()).unwrap_or(u64::MAX))
+        };
         let Some(hint) = self.growth_hint.as_mut() else {
             return;
         };
@@ -428,8 +472,16 @@ impl Engine {
         }
         self.armed = wanted;
         if let Some((_, budget)) = wanted {
-            match hint.arm(budget) {
-                Ok(()) => debug!(budget_mib = budget >> 20, "growth hint armed"),
+            match hint.arm(&self.growth_base, budget) {
+                Ok(reached) => {
+                    debug!(budget_mib = budget >> 20, reached, "growth hint armed");
+                    if reached {
+                        // Grown past the budget while reading and deciding: the programs
+                        // would only tell on the next growth, so read again now.
+                        self.read_now = true;
+                        self.recheck_at = Some(0);
+                    }
+                }
                 Err(err) => {
                     warn_limited!(error = %format!("{err:#}"), "arming the growth hint failed")
                 }

@@ -69,7 +69,7 @@ pub fn format_text(ev: &PressureEvent) -> String {
             format!("item={} val={}", ev.order, ev.value)
         }
         PressureKind::Kernel(RecordKind::GrowthHint) => {
-            format!("member={} grown={}KiB", ev.order, ev.value >> 10)
+            format!("member={} cpu_total={}KiB", ev.order, ev.value >> 10)
         }
         other => format!("{other:?}"),
     };

@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use monitor_ebpf::{
     FieldSlot, FieldSlots, GLOBAL_COALESCE_NS, GLOBAL_FIELDS, GLOBAL_TARGET_CGROUP_ID,
-    GLOBAL_TARGET_CGROUP_LEVEL, GrowthArm, KindCounters, MAP_COUNTERS, MAP_EVENTS, MAP_GROWTH_ARM,
-    PressureRecord, RecordKind, TRACEPOINTS,
+    GLOBAL_TARGET_CGROUP_LEVEL, GrowthArm, GrowthCpu, KindCounters, MAP_COUNTERS, MAP_EVENTS,
+    MAP_GROWTH_ARM, MAP_GROWTH_CPU, PressureRecord, RecordKind, TRACEPOINTS,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -66,27 +66,65 @@ pub struct EbpfPipeline {
     growth: Option<GrowthHint>,
 }
 
-/// Arms the in-kernel growth hint: after [`GrowthHint::arm`] with `budget` bytes, the
-/// programs send one [`RecordKind::GrowthHint`] once the watched subtree's mapped anonymous
-/// and shmem memory has grown by at most `budget` (possibly earlier, never later).
+/// Arms the in-kernel growth hint: [`GrowthHint::snapshot`] right before a memory.stat
+/// reading, then [`GrowthHint::arm`] with that snapshot and the budget decided on the
+/// reading; the programs send one [`RecordKind::GrowthHint`] once the watched subtree's mapped
+/// anonymous and shmem memory has grown by at most `budget` since the snapshot (possibly
+/// earlier, never later).
 pub struct GrowthHint {
-    map: Array<MapData, GrowthArm>,
+    arm: PerCpuArray<MapData, GrowthArm>,
+    totals: PerCpuArray<MapData, GrowthCpu>,
     epoch: u64,
-    cpus: u64,
+    cpus: usize,
+}
+
+/// Every CPU's running growth total at one instant (see [`GrowthHint::snapshot`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrowthSnapshot(Vec<u64>);
+
+impl GrowthSnapshot {
+    /// Bytes grown per possible CPU since load.
+    pub fn totals(&self) -> &[u64] {
+        &self.0
+    }
 }
 
 impl GrowthHint {
-    /// Re-arms with a new budget (a new epoch: growth seen so far is forgotten).
-    pub fn arm(&mut self, budget: u64) -> anyhow::Result<()> {
+    /// Every CPU's running growth total; take it before reading memory.stat, so that growth
+    /// while the reading and the decision happen still counts towards the next hint.
+    pub fn snapshot(&self) -> anyhow::Result<GrowthSnapshot> {
+        let totals = self
+            .totals
+            .get(&0, 0)
+            .context("reading the growth totals (GROWTH_CPU map)")?;
+        Ok(GrowthSnapshot(totals.iter().map(|c| c.grown).collect()))
+    }
+
+    /// Re-arms (a new epoch) so that a hint comes once `budget` bytes grew after `base`.
+    /// Returns whether some CPU had already grown that far when the arm landed: the programs
+    /// only look on the next growth, so the caller should read now instead of waiting.
+    pub fn arm(&mut self, base: &GrowthSnapshot, budget: u64) -> anyhow::Result<bool> {
         self.epoch = self.epoch.wrapping_add(1).max(1);
-        let arm = GrowthArm {
-            epoch: self.epoch,
-            // Rounded up, never 0 (0 disarms): see GrowthArm on why a per-CPU share suffices.
-            share_bytes: budget.div_ceil(self.cpus).max(1),
-        };
-        self.map
-            .set(0, arm, 0)
-            .context("arming the growth hint (GROWTH_ARM map)")
+        // Rounded up and never 0: see GrowthArm on why a per-CPU share suffices.
+        let share = budget.div_ceil(self.cpus as u64).max(1);
+        let thresholds: Vec<u64> = (0..self.cpus)
+            .map(|cpu| base.0.get(cpu).copied().unwrap_or(0).saturating_add(share))
+            .collect();
+        let values = thresholds
+            .iter()
+            .map(|&threshold| GrowthArm {
+                epoch: self.epoch,
+                threshold,
+            })
+            .collect::<Vec<_>>();
+        let values = PerCpuValues::try_from(values)
+            .map_err(|err| anyhow!("{err}"))
+            .context("building the growth-hint arm")?;
+        self.arm
+            .set(0, values, 0)
+            .context("arming the growth hint (GROWTH_ARM map)")?;
+        let now = self.snapshot()?;
+        Ok(now.0.iter().zip(&thresholds).any(|(t, th)| t >= th))
     }
 }
 
@@ -192,16 +230,20 @@ impl EbpfPipeline {
             .iter()
             .any(|a| a.tracepoint == "kmem:rss_stat" && a.attached());
         let growth = if rss_attached {
-            let map = Array::try_from(
-                ebpf.take_map(MAP_GROWTH_ARM)
-                    .ok_or_else(|| anyhow!("eBPF object has no {MAP_GROWTH_ARM} map"))?,
-            )
-            .context("opening the growth-hint map")?;
+            let mut open = |name: &str| {
+                ebpf.take_map(name)
+                    .ok_or_else(|| anyhow!("eBPF object has no {name} map"))
+            };
+            let arm = PerCpuArray::try_from(open(MAP_GROWTH_ARM)?)
+                .context("opening the growth-hint arm map")?;
+            let totals = PerCpuArray::try_from(open(MAP_GROWTH_CPU)?)
+                .context("opening the growth-total map")?;
             let cpus = aya::util::nr_cpus()
                 .map_err(|(what, err)| anyhow!("{what}: {err}"))
-                .context("counting possible CPUs")? as u64;
+                .context("counting possible CPUs")?;
             Some(GrowthHint {
-                map,
+                arm,
+                totals,
                 epoch: 0,
                 cpus: cpus.max(1),
             })
