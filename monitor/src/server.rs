@@ -20,7 +20,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use axum::serve::ListenerExt as _;
+use tracing::{debug, info, warn};
 
 /// How long [`serve`] waits for agent sessions to finish their close handshake on shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -159,6 +160,13 @@ pub async fn serve_router(
         // Upgraded connections are not tracked by axum's graceful shutdown; tell them here.
         signal_sessions.begin_shutdown();
     };
+    // Frames are small and latency-bound (an UpscaleRequest right after a health-check reply
+    // would otherwise wait for the peer's delayed ACK under Nagle).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            debug!(error = %err, "cannot set TCP_NODELAY on an agent connection");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
