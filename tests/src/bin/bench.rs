@@ -2,10 +2,12 @@
 //! inside the test VM. Statistics are the host's job; this only writes samples.
 //!
 //! - Reaction latency: in blocks of `BENCH_BLOCK` ramps per tier, tiers rotating between blocks
-//!   (one daemon start per block), each ramp a fresh memhog pushing anonymous memory past the
-//!   upscale threshold. The crossing is timestamped by the workload itself (the page fault
-//!   that reaches the threshold, CLOCK_BOOTTIME), the end by the fake agent receiving
-//!   `UpscaleRequest`.
+//!   (one daemon and one agent connection per block, nothing restarted between ramps), each
+//!   ramp a fresh memhog pushing anonymous memory past the upscale threshold. The crossing is
+//!   timestamped by the workload itself (the page fault that reaches the threshold,
+//!   CLOCK_BOOTTIME), the end by the fake agent receiving `UpscaleRequest`. Ramps alternate
+//!   between an agent that grants (then scales back down) and one that never answers, whose
+//!   ramp holds above the threshold and counts the repeated requests.
 //! - Idle cost: per tier, `BENCH_IDLE_SECS` with the agent connected and no memory activity:
 //!   the daemon's CPU time (utime + stime) and voluntary context switches (all threads).
 //!
@@ -36,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use tests::benchkit::{CsvDir, MetricsPage, ProcSample, overhead_pairs, write_meta};
+use tests::agent::FakeAgent;
 use tests::scenario::{
     CGROUP, Cgroup, Ext4Scratch, GIB, MIB, MemHog, Monitor, MonitorOptions, Sizes, agent_config,
     boottime_ns, connect_agent, cu,
@@ -144,6 +147,8 @@ async fn latency(
     block: u64,
 ) -> anyhow::Result<()> {
     // Latency: tiers rotate between blocks so a slow drift of the machine hits all of them.
+    // One daemon and one agent connection per block: the ramps follow each other as they
+    // would in production, nothing is restarted in between.
     let blocks = ramps.div_ceil(block);
     let mut done = vec![0u64; tiers.len()];
     for b in 0..blocks {
@@ -160,53 +165,48 @@ async fn latency(
                 "kernel,tier,startup_ms",
                 &format!("{kernel},{tier},{:.1}", startup.as_secs_f64() * 1e3),
             )?;
+            let mut cfg = agent_config(mon.url());
+            // Frame echo goes to the serial console, which costs guest CPU during the measurement.
+            cfg.echo = false;
+            let agent = connect_agent(cfg).await?;
             for _ in 0..n {
-                let r = match ramp(&mon, cg, memhog, tier.ends_with("-guard"))
+                // Alternate: the agent grants (and later scales back down), or never answers.
+                let grant = done[t] % 2 == 0;
+                let r = ramp(&mon, &agent, cg, memhog, tier.ends_with("-guard"), grant)
                     .await
-                    .with_context(|| format!("{tier} ramp {}", done[t] + 1))?
-                {
-                    Some(r) => r,
-                    None => {
-                        // The daemon keeps memory.high at or above its last reading; on the
-                        // event tiers that reading can be stale after the free. A fresh daemon
-                        // starts from the true state.
-                        eprintln!(
-                            "bench: {tier}: memory.high not back at 1 CU; restarting the daemon"
-                        );
-                        ensure!(mon.terminate()?.success(), "{tier}: daemon exit failed");
-                        let (m, startup) = start(cg, tier)?;
-                        mon = m;
-                        out.append(
-                            "startup.csv",
-                            "kernel,tier,startup_ms",
-                            &format!("{kernel},{tier},{:.1}", startup.as_secs_f64() * 1e3),
-                        )?;
-                        ramp(&mon, cg, memhog, tier.ends_with("-guard"))
-                            .await
-                            .with_context(|| format!("{tier} ramp {}", done[t] + 1))?
-                            .context("memory.high not at 1 CU even with a fresh daemon")?
-                    }
-                };
+                    .with_context(|| format!("{tier} ramp {}", done[t] + 1))?;
                 done[t] += 1;
                 eprintln!(
-                    "bench: {kernel} {tier} ramp {}: {:.2} ms (trigger {}, early requests {})",
-                    done[t], r.reaction_ms, r.trigger, r.early
+                    "bench: {kernel} {tier} ramp {} ({}): {:.2} ms (trigger {}, early requests {}, {} more requests in {:.2} s while held, {} after the release)",
+                    done[t],
+                    r.mode(),
+                    r.reaction_ms,
+                    r.trigger,
+                    r.early,
+                    r.hold_requests,
+                    r.hold_s,
+                    r.after_release
                 );
                 out.append(
                     "latency.csv",
-                    "kernel,block,tier,ramp,reaction_ms,crossing_to_event_ms,event_to_frame_ms,reading_mib,early_requests,trigger",
+                    "kernel,block,tier,ramp,mode,reaction_ms,crossing_to_event_ms,event_to_frame_ms,reading_mib,early_requests,hold_s,hold_requests,after_release,trigger",
                     &format!(
-                        "{kernel},{b},{tier},{},{:.3},{:.3},{:.3},{:.1},{},\"{}\"",
+                        "{kernel},{b},{tier},{},{},{:.3},{:.3},{:.3},{:.1},{},{:.3},{},{},\"{}\"",
                         done[t],
+                        r.mode(),
                         r.reaction_ms,
                         r.crossing_to_event_ms,
                         r.event_to_frame_ms,
                         r.reading as f64 / MIB as f64,
                         r.early,
+                        r.hold_s,
+                        r.hold_requests,
+                        r.after_release,
                         r.trigger.replace('"', "'")
                     ),
                 )?;
             }
+            agent.close().await?;
             ensure!(mon.terminate()?.success(), "{tier}: daemon exit failed");
         }
     }
@@ -252,26 +252,41 @@ struct Ramp {
     reading: u64,
     early: u32,
     trigger: String,
+    granted: bool,
+    /// Ungranted ramps: the further requests in the [`HOLD`] after the first one, and the
+    /// time from the first to the last of them.
+    hold_s: f64,
+    hold_requests: u64,
+    /// Requests that came after the memory was freed (stale ones; should be 0 or 1).
+    after_release: u64,
 }
 
-/// One measured ramp; `None` if memory.high is not where the daemon should hold it at 1 CU
-/// (`max` as shipped; the threshold with the guard, which may have stayed raised after the
-/// previous ramp, and the ramp would then cross the threshold before any reclaim).
+impl Ramp {
+    fn mode(&self) -> &'static str {
+        if self.granted { "grant" } else { "hold" }
+    }
+}
+
+/// How long an ungranted ramp stays above the threshold after its first request.
+const HOLD: Duration = Duration::from_secs(4);
+
+/// One measured ramp on a connected agent at 1 CU. `grant`: the agent grants 2 CU on the
+/// first request and, once the memory is freed, scales back to 1 CU through the downscale
+/// protocol; otherwise it never answers and the ramp holds above the threshold for [`HOLD`].
 async fn ramp(
     mon: &Monitor,
+    agent: &FakeAgent,
     cg: &Cgroup,
     memhog: &Path,
     guard: bool,
-) -> anyhow::Result<Option<Ramp>> {
+    grant: bool,
+) -> anyhow::Result<Ramp> {
     let sizes = Sizes::for_allocation(GIB);
-    let mut cfg = agent_config(mon.url());
-    // Frame echo goes to the serial console, which costs guest CPU during the measurement.
-    cfg.echo = false;
-    let agent = connect_agent(cfg).await?;
-    if !wait_high(cg, guard.then_some(sizes.memory_high)).await? {
-        agent.close().await?;
-        return Ok(None);
-    }
+    ensure!(
+        wait_high(cg, guard.then_some(sizes.memory_high)).await?,
+        "memory.high is {:?} before the ramp, not the 1 CU value",
+        cg.high()?
+    );
 
     let mut hog = MemHog::start(cg, memhog)?;
     let base = cg.non_reclaimable()?;
@@ -280,7 +295,7 @@ async fn ramp(
     hog.wait_held(Duration::from_secs(60))?;
     // A request before the measured ramp would be stale (left from the previous ramp) or a
     // false trigger; count them so they cannot pass for a fast reaction.
-    let mut early = 0;
+    let mut early = agent.take_upscale_requests().await as u32;
     while agent
         .wait_for_upscale_request(Duration::from_millis(1200))
         .await
@@ -316,20 +331,52 @@ async fn ramp(
     let decided_ns = at["secs"].as_u64().context("decision without at.secs")? * 1_000_000_000
         + at["nanos"].as_u64().context("decision without at.nanos")?;
 
-    // Grant, as the agent would, so memory.high lifts and the hog finishes unthrottled.
-    agent.upscale_to(cu(2), Duration::from_secs(20)).await?;
-    hog.wait_held(Duration::from_secs(120))?;
+    let (mut hold_s, mut hold_requests) = (0.0, 0);
+    if grant {
+        // As the agent would: memory.high (with the guard) lifts, the hog finishes.
+        agent.upscale_to(cu(2), Duration::from_secs(20)).await?;
+        hog.wait_held(Duration::from_secs(120))?;
+    } else {
+        // Nobody grants: the requests must keep coming at the rate limit while it stays above.
+        // Timed from the first request's arrival: the rate is further requests ÷ the time
+        // from the first to the last.
+        let hold_from = Instant::now();
+        while let Some(left) = HOLD.checked_sub(hold_from.elapsed()) {
+            if agent.wait_for_upscale_request(left).await.is_ok() {
+                hold_requests += 1;
+                hold_s = hold_from.elapsed().as_secs_f64();
+            }
+        }
+        hog.wait_held(Duration::from_secs(120))?;
+    }
     hog.free()?;
     drop(hog);
-    agent.close().await?;
-    Ok(Some(Ramp {
+    // A request decided just before the free may still arrive; more would be a daemon that
+    // does not notice the release.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after_release = agent.take_upscale_requests().await;
+    if grant {
+        let report = agent
+            .downscale_to(cu(1), Duration::from_secs(60))
+            .await
+            .context("scaling back to 1 CU after the grant")?;
+        ensure!(
+            agent.vm() == cu(1),
+            "the downscale to 1 CU did not complete: {report:?}"
+        );
+    }
+    Ok(Ramp {
         reaction_ms: ms(received_ns, crossed_ns),
         crossing_to_event_ms: ms(decided_ns, crossed_ns),
         event_to_frame_ms: ms(received_ns, decided_ns),
         reading,
         early,
         trigger,
-    }))
+        granted: grant,
+        hold_s,
+        hold_requests,
+        after_release,
+    })
 }
 
 /// Waits (briefly) until the daemon applied the 1 CU memory.high (the fresh agent announced

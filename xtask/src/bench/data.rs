@@ -78,6 +78,21 @@ impl StormRun {
     }
 }
 
+/// One ungranted ramp held above the threshold: further requests after the first one and
+/// the time from the first to the last.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hold {
+    pub requests: f64,
+    pub secs: f64,
+}
+
+impl Hold {
+    /// Requests per second while held; `None` with fewer than one further request.
+    pub fn rate(&self) -> Option<f64> {
+        (self.requests >= 1.0 && self.secs > 0.0).then(|| self.requests / self.secs)
+    }
+}
+
 /// Host start-up: exec → programs attached (`trace`), exec → daemon listening.
 #[derive(Clone, Debug)]
 pub struct HostStart {
@@ -97,6 +112,10 @@ pub struct KernelData {
     pub crossing_to_event: BTreeMap<String, Vec<f64>>,
     /// Requests that came before the measured ramp, per tier.
     pub early: BTreeMap<String, u64>,
+    /// Ungranted ramps held above the threshold, per tier.
+    pub holds: BTreeMap<String, Vec<Hold>>,
+    /// Requests that arrived after a ramp's memory was freed, per tier (summed).
+    pub after_release: BTreeMap<String, u64>,
     pub idle: BTreeMap<String, IdleSample>,
     pub startup_ms: BTreeMap<String, Vec<f64>>,
     pub overhead: Vec<OverheadRun>,
@@ -211,6 +230,8 @@ impl KernelData {
             event_to_frame: BTreeMap::new(),
             crossing_to_event: BTreeMap::new(),
             early: BTreeMap::new(),
+            holds: BTreeMap::new(),
+            after_release: BTreeMap::new(),
             idle: BTreeMap::new(),
             startup_ms: BTreeMap::new(),
             overhead: Vec::new(),
@@ -233,6 +254,17 @@ impl KernelData {
                 .entry(tier.clone())
                 .or_default()
                 .push(num(&row, "crossing_to_event_ms")?);
+            // Columns added with the one-daemon latency part; older files have no holds.
+            if row.get("mode").map(String::as_str) == Some("hold") {
+                data.holds.entry(tier.clone()).or_default().push(Hold {
+                    requests: num(&row, "hold_requests")?,
+                    secs: num(&row, "hold_s")?,
+                });
+            }
+            if row.contains_key("after_release") {
+                *data.after_release.entry(tier.clone()).or_default() +=
+                    field(&row, "after_release")?.parse::<u64>()?;
+            }
             *data.early.entry(tier).or_default() += early;
         }
         for row in read_csv(&dir.join("idle.csv"))? {
@@ -307,6 +339,13 @@ impl KernelData {
 
     pub fn stats(&self, tier: &str) -> Option<Stats> {
         Stats::of(self.latency.get(tier)?)
+    }
+
+    /// Requests per second of each hold of `tier` that saw a further request; `None` if the
+    /// tier had no ungranted ramps.
+    pub fn hold_rates(&self, tier: &str) -> Option<Vec<f64>> {
+        let holds = self.holds.get(tier)?;
+        Some(holds.iter().filter_map(Hold::rate).collect())
     }
 
     pub fn e2f_stats(&self, tier: &str) -> Option<Stats> {
@@ -506,6 +545,28 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0]["c"], "x, y");
         assert_eq!(rows[0]["a"], "1");
+    }
+
+    #[test]
+    fn held_ramps_give_a_rate_and_releases_add_up() {
+        let dir = std::env::temp_dir().join(format!("xtask-holds-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("latency.csv"),
+            "kernel,block,tier,ramp,mode,reaction_ms,crossing_to_event_ms,event_to_frame_ms,reading_mib,early_requests,hold_s,hold_requests,after_release,trigger\n\
+             6.1,0,ebpf,1,grant,5,1,4,786,0,0,0,1,\"x\"\n\
+             6.1,0,ebpf,2,hold,6,1,5,786,0,3.2,3,0,\"x\"\n\
+             6.1,0,ebpf,3,hold,6,1,5,786,0,0,0,0,\"x\"\n",
+        )
+        .unwrap();
+        let d = KernelData::load("6.1", &dir).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(d.holds["ebpf"].len(), 2);
+        // The hold without a further request has no rate.
+        assert_eq!(d.hold_rates("ebpf"), Some(vec![3.0 / 3.2]));
+        assert_eq!(d.after_release["ebpf"], 1);
+        assert_eq!(d.hold_rates("poll"), None);
+        assert_eq!(d.stats("ebpf").unwrap().n, 3);
     }
 
     #[test]

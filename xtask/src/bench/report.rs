@@ -17,6 +17,10 @@ pub const STORM_CPU_PCT_TARGET: f64 = 5.0;
 /// "RSS stays flat": the storm's peak at most this far above its first sample.
 pub const STORM_RSS_GROWTH_KIB: f64 = 2048.0;
 pub const IDLE_RSS_MIB_TARGET: f64 = 20.0;
+/// Requests per second while held above the threshold without a grant: the 1 s rate limit,
+/// less what a reading and a frame add per round (Neon's polling monitor: ~0.9/s).
+pub const HELD_RATE_MIN_PER_S: f64 = 0.8;
+pub const HELD_RATE_MAX_PER_S: f64 = 1.05;
 /// The fake agent's health-check period (the real agent's default).
 const HEALTH_INTERVAL_S: f64 = 5.0;
 
@@ -86,6 +90,16 @@ pub fn summary_json(runs: &[KernelData]) -> Value {
                 }
                 if let Some(p) = d.startup_ms.get(tier).and_then(|v| percentile(v, 50.0)) {
                     t.insert("startup_ms_p50".into(), json!(p));
+                }
+                if let Some(rates) = d.hold_rates(tier) {
+                    t.insert(
+                        "held_requests_per_s".into(),
+                        Stats::of(&rates).map_or(Value::Null, stats_json),
+                    );
+                    t.insert(
+                        "requests_after_release".into(),
+                        json!(d.after_release.get(tier).copied().unwrap_or(0)),
+                    );
                 }
                 if !t.is_empty() {
                     k.insert(tier.into(), Value::Object(t));
@@ -385,6 +399,34 @@ fn targets(r: &mut String, runs: &[KernelData]) {
                 _ => "missing samples".into(),
             },
         ));
+        for tier in d.tiers() {
+            let Some(rates) = d.hold_rates(&tier) else {
+                continue;
+            };
+            let held = d.holds.get(&tier).map_or(0, Vec::len);
+            let after = d.after_release.get(&tier).copied().unwrap_or(0);
+            let s = Stats::of(&rates);
+            r.push_str(&verdict(
+                Some(
+                    rates.len() == held
+                        && s.is_some_and(|s| {
+                            s.min >= HELD_RATE_MIN_PER_S && s.max <= HELD_RATE_MAX_PER_S
+                        }),
+                ),
+                &format!(
+                    "{k}: {tier}: held above the threshold with no grant, UpscaleRequests keep coming at the rate limit ({HELD_RATE_MIN_PER_S}–{HELD_RATE_MAX_PER_S}/s in every hold; the limit is 1/s)"
+                ),
+                &s.map_or("no hold had a second request".into(), |s| {
+                    format!(
+                        "{} of {held} holds repeated; {:.2}/s p50 ({:.2} … {:.2}); {after} request(s) after the releases of all ramps",
+                        rates.len(),
+                        s.p50,
+                        s.min,
+                        s.max
+                    )
+                }),
+            ));
+        }
         r.push_str(&verdict(
             e.zip(p).map(|(e, p)| e.max < p.p50),
             &format!("{k}: ebpf max below poll p50"),
@@ -575,7 +617,7 @@ fn targets(r: &mut String, runs: &[KernelData]) {
 fn method(r: &mut String) {
     let _ = writeln!(r, "## Method\n");
     r.push_str(
-        "- **Reaction latency** (VM): the daemon runs without `--pgconnstr` (no Postgres: the file cache plays no part in the upscale trigger). Per ramp a fresh fake agent announces 1 CU, a fresh memhog pre-grows anonymous memory to 96 MiB below the upscale threshold, then grows 4 MiB every 20 ms to 32 MiB past it. The crossing is timestamped by the workload itself: swap is off for the cgroup, so its anonymous memory only grows and the memhog stamps (CLOCK_BOOTTIME) the page fault that brings non-reclaimable memory to the threshold; the end is the `UpscaleRequest` frame arriving at the fake agent (CLOCK_BOOTTIME). Nothing polls during the measurement. Then the agent grants 2 CU, the memory is freed and the agent disconnects. Should memory.high not be where the daemon holds it at 1 CU within 1.5 s (`max` as shipped; the threshold for an `-guard` tier) the daemon is restarted (the `starts` column). Event → frame: the decision's timestamp (the kernel event or poll sample that triggered it, CLOCK_BOOTTIME) to the frame's arrival.\n",
+        "- **Reaction latency** (VM): the daemon runs without `--pgconnstr` (no Postgres: the file cache plays no part in the upscale trigger). One daemon and one fake-agent connection (announcing 1 CU) per block of ramps, nothing restarted between ramps (the `starts` column counts blocks). Per ramp a fresh memhog pre-grows anonymous memory to 96 MiB below the upscale threshold, then grows 4 MiB every 20 ms to 32 MiB past it. The crossing is timestamped by the workload itself: swap is off for the cgroup, so its anonymous memory only grows and the memhog stamps (CLOCK_BOOTTIME) the page fault that brings non-reclaimable memory to the threshold; the end is the `UpscaleRequest` frame arriving at the fake agent (CLOCK_BOOTTIME). Nothing polls during the measurement. Ramps alternate between two agents' behaviours: *grant* (2 CU at once, then the memory is freed and the agent scales back to 1 CU through DownscaleRequests) and *hold* (the agent never answers; the memory stays above the threshold for 4 s after the first request, further requests are counted: held requests/s = further requests ÷ time from the first to the last). After each release 1.5 s pass and any request that still arrives is counted (`after release`). Event → frame: the decision's timestamp (the kernel event or poll sample that triggered it, CLOCK_BOOTTIME) to the frame's arrival.\n",
     );
     r.push_str(
         "- **Managed overhead** (VM): the daemon as shipped (ebpf, agent connected at 1 CU, memory.high as shipped), the same with `--memory-high-guard`, and no daemon, rotating per round; workloads that keep non-reclaimable memory below the threshold: a read of a sparse file 1.5 × the threshold from a loop-mounted ext4 (page cache dropped before each run) and an anonymous ramp (4 MiB every 20 ms) to 64 MiB below the threshold, then freed. Per run: wall time, the cgroup's `memory.pressure` some/full total, `memory.events` high, daemon utime+stime, UpscaleRequests received.\n",
@@ -600,7 +642,7 @@ fn method(r: &mut String) {
 
 fn details(r: &mut String, runs: &[KernelData]) {
     let _ = writeln!(r, "## Spread\n");
-    r.push_str("| kernel | tier | n | min ms | p50 ms | p90 ms | max ms | crossing → event p50 ms | event → frame p50 ms | p90 ms | daemon exec → started ms (p50) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    r.push_str("| kernel | tier | n | min ms | p50 ms | p90 ms | max ms | crossing → event p50 ms | event → frame p50 ms | p90 ms | held requests/s p50 (min … max) | after release | daemon exec → started ms (p50) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for d in runs.iter().filter(|d| !d.is_host()) {
         for tier in d.tiers() {
             let tier = tier.as_str();
@@ -611,7 +653,7 @@ fn details(r: &mut String, runs: &[KernelData]) {
             }
             let _ = writeln!(
                 r,
-                "| {} | {tier} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({} starts) |",
+                "| {} | {tier} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({} starts) |",
                 d.label,
                 s.map_or(0, |s| s.n),
                 fmt_opt(s.map(|s| s.min), 2),
@@ -621,6 +663,15 @@ fn details(r: &mut String, runs: &[KernelData]) {
                 fmt_opt(d.c2e_stats(tier).map(|c| c.p50), 2),
                 fmt_opt(f.map(|f| f.p50), 2),
                 fmt_opt(f.map(|f| f.p90), 2),
+                d.hold_rates(tier)
+                    .and_then(|v| Stats::of(&v))
+                    .map_or("–".into(), |s| format!(
+                        "{:.2} ({:.2} … {:.2})",
+                        s.p50, s.min, s.max
+                    )),
+                d.after_release
+                    .get(tier)
+                    .map_or("–".into(), u64::to_string),
                 fmt_opt(d.startup_ms.get(tier).and_then(|v| percentile(v, 50.0)), 0),
                 d.startup_ms.get(tier).map_or(0, Vec::len),
             );
