@@ -256,10 +256,16 @@ impl Engine {
         } else {
             None
         };
+        let started = std::time::Instant::now();
         let reading = match &self.cgroup {
             Some(cg) if needs_reading => match cg.stat() {
                 Ok(s) => {
                     self.reading_taken(base);
+                    debug!(
+                        took_us = started.elapsed().as_micros() as u64,
+                        events = burst.len(),
+                        "memory.stat read for a pressure burst"
+                    );
                     Some(s.non_reclaimable())
                 }
                 Err(err) => {

@@ -15,12 +15,12 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::Extensions;
 use axum::response::Response;
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use axum::serve::ListenerExt as _;
 use tracing::{debug, info, warn};
 
 /// How long [`serve`] waits for agent sessions to finish their close handshake on shutdown.

@@ -16,7 +16,8 @@
 //!   no daemon and with the ebpf daemon attached, alternating; then once per JIT mode with
 //!   `--bpf-stats` for the programs' own cost per run.
 //! - Event storm: `BENCH_STORM_TASKS` tasks churning memory through memory.high for
-//!   `BENCH_STORM_SECS`: the kernel's counters and the daemon's deliveries from /metrics, its
+//!   `BENCH_STORM_SECS` (anonymous memory into zram swap, or with variant `ebpf-pc` re-reading
+//!   page cache from ext4): the kernel's counters and the daemon's deliveries from /metrics, its
 //!   CPU time and RSS (sampled every second).
 //!
 //! - Managed overhead: the daemon as it ships (ebpf, agent at 1 CU, memory.high as shipped),
@@ -37,8 +38,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use tests::benchkit::{CsvDir, MetricsPage, ProcSample, overhead_pairs, write_meta};
 use tests::agent::FakeAgent;
+use tests::benchkit::{CsvDir, MetricsPage, ProcSample, overhead_pairs, write_meta};
 use tests::scenario::{
     CGROUP, Cgroup, Ext4Scratch, GIB, MIB, MemHog, Monitor, MonitorOptions, Sizes, agent_config,
     boottime_ns, connect_agent, cu,
@@ -208,6 +209,14 @@ async fn latency(
             }
             agent.close().await?;
             ensure!(mon.terminate()?.success(), "{tier}: daemon exit failed");
+            if std::env::var_os("BENCH_DAEMON_LOG").is_some() {
+                let text: String = mon
+                    .lines()
+                    .iter()
+                    .map(|l| format!("{}\n", l.text))
+                    .collect();
+                out.append(&format!("daemon-{tier}-{b}.log"), "log", &text)?;
+            }
         }
     }
     Ok(())
@@ -225,7 +234,7 @@ fn start(cg: &Cgroup, tier: &str) -> anyhow::Result<(Monitor, Duration)> {
     };
     let mut opts = MonitorOptions::new(signal, None);
     opts.extra = extra;
-    opts.rust_log = "info".into();
+    opts.rust_log = std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "info".into());
     let mon = Monitor::start(cg, &opts)?;
     let startup = started.elapsed();
     let line = mon.wait_for(0, Duration::from_secs(5), |l| {
@@ -582,10 +591,17 @@ async fn storm(
     tasks: u64,
     secs: u64,
 ) -> anyhow::Result<()> {
-    let coalesce = match variant {
-        "ebpf" => "10",
-        "ebpf-c0" => "0",
+    // `-pc`: page-cache churn (each task re-reads its own file) instead of anonymous churn.
+    let (coalesce, page_cache) = match variant {
+        "ebpf" => ("10", false),
+        "ebpf-c0" => ("0", false),
+        "ebpf-pc" => ("10", true),
         other => anyhow::bail!("unknown storm variant {other}"),
+    };
+    let scratch = if page_cache {
+        Some(Ext4Scratch::mount(tasks * STORM_TASK_MIB + 256)?)
+    } else {
+        None
     };
     cg.write("memory.swap.max", "max")?;
     cg.write("memory.high", WORKLOAD_HIGH)?;
@@ -593,14 +609,37 @@ async fn storm(
         let mut mon = attach(cg, &["--coalesce-ms", coalesce])?;
         let pid = mon.pid();
         let mut hogs = Vec::new();
-        for _ in 0..tasks {
-            hogs.push(MemHog::start(cg, memhog)?);
+        let mut readers = Vec::new();
+        if let Some(x) = &scratch {
+            for i in 0..tasks {
+                let file = x.sparse_file(&format!("storm-{i}"), STORM_TASK_MIB * MIB)?;
+                readers.push(file);
+            }
+        } else {
+            for _ in 0..tasks {
+                hogs.push(MemHog::start(cg, memhog)?);
+            }
         }
         let m0 = MetricsPage::scrape(mon.addr).await?;
         let p0 = ProcSample::read(pid)?;
         let t0 = Instant::now();
         for h in &mut hogs {
             h.churn(STORM_TASK_MIB, 0, secs as f64)?;
+        }
+        // Each reader loops over its file until the window ends and prints its rounds.
+        let mut children = Vec::new();
+        for file in &readers {
+            let script = format!(
+                "end=$(( $(date +%s) + {secs} )); n=0; while [ $(date +%s) -lt $end ]; do dd if='{}' of=/dev/null bs=1M status=none || exit 1; n=$((n+1)); done; echo $n",
+                file.display()
+            );
+            children.push(
+                cg.command("/bin/sh")
+                    .args(["-c", &script])
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .context("starting a page-cache reader")?,
+            );
         }
         let mut rss = Vec::new();
         while t0.elapsed() < Duration::from_secs(secs) {
@@ -611,6 +650,14 @@ async fn storm(
         let mut rounds = 0;
         for h in &mut hogs {
             rounds += h.wait_churned(Duration::from_secs(secs + 300))?;
+        }
+        for child in children {
+            let out = child.wait_with_output().context("waiting for a page-cache reader")?;
+            ensure!(out.status.success(), "a page-cache reader failed: {:?}", out.status);
+            rounds += String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u64>()
+                .context("a page-cache reader printed no round count")?;
         }
         let elapsed = t0.elapsed().as_secs_f64();
         // Let the daemon drain what was committed before the counters are compared.
@@ -665,6 +712,7 @@ async fn storm(
     .await;
     let _ = cg.write("memory.high", "max");
     let _ = cg.write("memory.swap.max", "0");
+    drop(scratch);
     result
 }
 

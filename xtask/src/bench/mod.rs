@@ -53,7 +53,7 @@ pub struct BenchArgs {
     /// Tiers, comma-separated; `ebpf-c0` = ebpf with `--coalesce-ms 0` (latency only).
     #[arg(long, default_value = "ebpf,psi,poll")]
     tiers: String,
-    /// VM parts to run, comma-separated (latency, idle, overhead, storm).
+    /// VM parts to run, comma-separated (latency, idle, overhead, storm, managed).
     #[arg(long, default_value = "latency,idle,overhead,storm,managed")]
     parts: String,
     /// Skip the host-kernel part (start-up, overhead, storms with `vm-monitor trace`).
@@ -90,7 +90,11 @@ pub fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
     let idle_secs = args.idle_secs.unwrap_or(if quick { 15 } else { 60 });
     let pairs = args.overhead_pairs.unwrap_or(if quick { 3 } else { 8 });
     let storm_secs = args.storm_secs.unwrap_or(if quick { 10 } else { 30 });
-    let storm_variants = if quick { "ebpf" } else { "ebpf,ebpf-c0" };
+    let storm_variants = if quick {
+        "ebpf,ebpf-pc"
+    } else {
+        "ebpf,ebpf-c0,ebpf-pc"
+    };
     // Blocks of 5 ramps per daemon start: tiers alternate, restarts stay few.
     let block = 5.min(ramps.max(1));
     // Generous: a TCG ramp takes a few seconds, a stalled guest much longer.
@@ -98,7 +102,7 @@ pub fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
         600 + ramps * 3 * 30
             + idle_secs * 3 * 2
             + pairs * 2 * 120
-            + storm_secs * 2 * 4
+            + storm_secs * 3 * 4
             + pairs * 3 * 2 * 120,
     );
 
@@ -159,6 +163,10 @@ pub fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
         ];
         run.env
             .extend(env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        // Diagnostics: the daemon's RUST_LOG for the latency part, its log kept per block.
+        if let Ok(filter) = std::env::var("BENCH_DAEMON_LOG") {
+            run.env.push(("BENCH_DAEMON_LOG".to_owned(), filter));
+        }
         run.timeout = Some(timeout);
         run.cwd = Some(root.clone());
         let (code, shared) = vm::run_with_dir(setup, &run)?;
@@ -220,7 +228,7 @@ fn copy_raw(raw: &Path, dest: &Path, label: &str) -> Result<()> {
     };
     for entry in entries {
         let from = entry?.path();
-        if from.extension().is_some_and(|e| e == "csv") {
+        if from.extension().is_some_and(|e| e == "csv" || e == "log") {
             let name = from.file_name().map(|n| n.to_string_lossy().into_owned());
             let name = name.unwrap_or_default();
             let to = dest.join(format!("{label}-{}", name.trim_start_matches("host-")));

@@ -669,9 +669,7 @@ fn details(r: &mut String, runs: &[KernelData]) {
                         "{:.2} ({:.2} … {:.2})",
                         s.p50, s.min, s.max
                     )),
-                d.after_release
-                    .get(tier)
-                    .map_or("–".into(), u64::to_string),
+                d.after_release.get(tier).map_or("–".into(), u64::to_string),
                 fmt_opt(d.startup_ms.get(tier).and_then(|v| percentile(v, 50.0)), 0),
                 d.startup_ms.get(tier).map_or(0, Vec::len),
             );
