@@ -172,7 +172,7 @@ async fn latency(
             let agent = connect_agent(cfg).await?;
             for _ in 0..n {
                 // Alternate: the agent grants (and later scales back down), or never answers.
-                let grant = done[t] % 2 == 0;
+                let grant = done[t].is_multiple_of(2);
                 let r = ramp(&mon, &agent, cg, memhog, tier.ends_with("-guard"), grant)
                     .await
                     .with_context(|| format!("{tier} ramp {}", done[t] + 1))?;
