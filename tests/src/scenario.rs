@@ -448,7 +448,7 @@ fn setpriv() -> Command {
     Command::new(program(&["/usr/bin/setpriv", "/bin/setpriv"]))
 }
 
-fn chown_tree(path: &Path) -> anyhow::Result<()> {
+pub fn chown_tree(path: &Path) -> anyhow::Result<()> {
     let (uid, gid) = postgres_ids()?;
     run(Command::new("chown")
         .arg("-R")
@@ -1159,7 +1159,13 @@ pub struct Ext4Scratch {
 impl Ext4Scratch {
     /// A `size_mib` sparse image in the work dir, formatted and mounted.
     pub fn mount(size_mib: u64) -> anyhow::Result<Ext4Scratch> {
-        let base = work_dir()?;
+        Self::mount_in(&work_dir()?, size_mib)
+    }
+
+    /// [`Ext4Scratch::mount`] with the image in `base`: the work dir lives in guest memory,
+    /// so data that is really written (not holes) belongs on the host-backed shared dir.
+    pub fn mount_in(base: &Path, size_mib: u64) -> anyhow::Result<Ext4Scratch> {
+        let base = base.to_path_buf();
         let image = base.join(format!("ext4-{}.img", std::process::id()));
         let mountpoint = base.join(format!("ext4-{}", std::process::id()));
         let _ = Command::new("umount").arg(&mountpoint).output();

@@ -23,7 +23,8 @@
 //! - Managed overhead: the daemon as it ships (ebpf, agent at 1 CU, memory.high as shipped),
 //!   the daemon with `--memory-high-guard`, and no daemon at all, rotating per round, on
 //!   workloads that keep non-reclaimable memory below the threshold: a page-cache read of
-//!   1.5 × the threshold and an anonymous ramp to 64 MiB below it. Per run: wall time, the
+//!   1.5 × the threshold, an anonymous ramp to 64 MiB below it and a PostgreSQL sequential
+//!   scan of a table of 1.5 × the threshold (the daemons manage its file cache). Per run: wall time, the
 //!   cgroup's PSI some/full stall, memory.events high, daemon CPU, UpscaleRequests.
 //!
 //! `BENCH_PARTS` (comma-separated: latency, idle, overhead, storm, managed) selects parts. The daemon
@@ -41,8 +42,8 @@ use anyhow::{Context as _, ensure};
 use tests::agent::FakeAgent;
 use tests::benchkit::{CsvDir, MetricsPage, ProcSample, overhead_pairs, write_meta};
 use tests::scenario::{
-    CGROUP, Cgroup, Ext4Scratch, GIB, MIB, MemHog, Monitor, MonitorOptions, Sizes, agent_config,
-    boottime_ns, connect_agent, cu,
+    CGROUP, Cgroup, Ext4Scratch, GIB, MIB, MemHog, Monitor, MonitorOptions, Postgres, Sizes,
+    agent_config, boottime_ns, chown_tree, connect_agent, cu,
 };
 
 /// Default tiers; `BENCH_TIERS` (comma-separated) overrides. `ebpf-c0` is the ebpf tier with
@@ -224,6 +225,15 @@ async fn latency(
 
 /// Starts the daemon on `tier` (no Postgres) and checks it really runs that tier.
 fn start(cg: &Cgroup, tier: &str) -> anyhow::Result<(Monitor, Duration)> {
+    start_with(cg, tier, None)
+}
+
+/// [`start`], managing Postgres' file cache through `pgconnstr` if given.
+fn start_with(
+    cg: &Cgroup,
+    tier: &str,
+    pgconnstr: Option<String>,
+) -> anyhow::Result<(Monitor, Duration)> {
     let started = Instant::now();
     let (signal, extra) = match tier.split_once('-') {
         Some((signal, "c0")) => (signal, vec!["--coalesce-ms".to_string(), "0".to_string()]),
@@ -232,7 +242,7 @@ fn start(cg: &Cgroup, tier: &str) -> anyhow::Result<(Monitor, Duration)> {
         Some(_) => anyhow::bail!("unknown tier variant {tier}"),
         None => (tier, Vec::new()),
     };
-    let mut opts = MonitorOptions::new(signal, None);
+    let mut opts = MonitorOptions::new(signal, pgconnstr);
     opts.extra = extra;
     opts.rust_log = std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "info".into());
     let mon = Monitor::start(cg, &opts)?;
@@ -724,6 +734,31 @@ fn monitor_kind(kind: &str) -> bool {
 /// Modes of the managed-overhead part: no daemon, the daemon as shipped, the guard.
 const MANAGED_MODES: [&str; 3] = ["none", "ebpf", "ebpf-guard"];
 
+/// Postgres in `cg` with an unlogged table of about `bytes` in a tablespace on `fs` (ext4,
+/// so a scan goes through the page cache; the guest's root has none). Unlogged: no WAL to
+/// write while building it.
+fn scan_table(cg: &Cgroup, fs: &Ext4Scratch, bytes: u64) -> anyhow::Result<Postgres> {
+    let started = Instant::now();
+    let pg = Postgres::start(cg, "bench-pg")?;
+    let dir = fs.mountpoint.join("tablespace");
+    std::fs::create_dir_all(&dir)?;
+    chown_tree(&dir)?;
+    // Rows of ~1.8 kB stay inline and uncompressed (below the TOAST threshold): 4 per page.
+    let rows = bytes / 2048;
+    // Two calls: `-c` runs its statements in one transaction, which CREATE TABLESPACE refuses.
+    pg.psql(&format!("CREATE TABLESPACE bench LOCATION '{}'", dir.display()))?;
+    pg.psql(&format!(
+        "CREATE UNLOGGED TABLE scan TABLESPACE bench AS \
+         SELECT i, repeat(md5(i::text), 56) AS pad FROM generate_series(1, {rows}) i"
+    ))?;
+    let size = pg.psql("SELECT pg_relation_size('scan')")?;
+    eprintln!(
+        "bench: seq-scan table: {rows} rows, {size} bytes, built in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(pg)
+}
+
 fn drop_caches() -> anyhow::Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
 }
@@ -737,8 +772,12 @@ async fn managed(
 ) -> anyhow::Result<()> {
     let sizes = Sizes::for_allocation(GIB);
     let read_bytes = sizes.threshold / 2 * 3;
-    let fs = Ext4Scratch::mount(read_bytes / MIB + 64)?;
+    // Room for the read file and the table (same size, real data), with slack.
+    // The table is real data: its image goes to the host-backed output dir, not guest memory.
+    let out_dir = std::env::var_os("VM_MONITOR_OUT").context("VM_MONITOR_OUT is not set")?;
+    let fs = Ext4Scratch::mount_in(Path::new(&out_dir), 2 * read_bytes / MIB + 512)?;
     let file = fs.sparse_file("managed", read_bytes)?;
+    let pg = scan_table(cg, &fs, read_bytes)?;
     for round in 1..=rounds {
         for k in 0..MANAGED_MODES.len() {
             let mode = MANAGED_MODES[(k + round as usize) % MANAGED_MODES.len()];
@@ -746,7 +785,8 @@ async fn managed(
                 cg.write("memory.high", "max")?;
                 (None, None)
             } else {
-                let (mon, _) = start(cg, mode)?;
+                // Fully managing: the file cache too.
+                let (mon, _) = start_with(cg, mode, Some(pg.connstr()))?;
                 let mut cfg = agent_config(mon.url());
                 cfg.echo = false;
                 let agent = connect_agent(cfg).await?;
@@ -757,7 +797,7 @@ async fn managed(
                 );
                 (Some(mon), Some(agent))
             };
-            for workload in ["page-cache-read", "anon-below-threshold"] {
+            for workload in ["page-cache-read", "anon-below-threshold", "postgres-seq-scan"] {
                 drop_caches()?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Some(a) = &agent {
@@ -772,6 +812,9 @@ async fn managed(
                 let t0 = Instant::now();
                 if workload == "page-cache-read" {
                     fs.read_in(cg, &file)?;
+                } else if workload == "postgres-seq-scan" {
+                    let rows = pg.psql("SELECT count(*) FROM scan")?;
+                    ensure!(rows.parse::<u64>().is_ok_and(|n| n > 0), "seq scan returned {rows:?}");
                 } else {
                     let mut hog = MemHog::start(cg, memhog)?;
                     let base = cg.non_reclaimable()?;

@@ -17,14 +17,13 @@ use std::io::{BufRead as _, Write as _};
 use std::time::Duration;
 
 const MIB: usize = 1 << 20;
-/// Above glibc's largest dynamic mmap threshold (32 MiB), so every chunk is its own mapping
-/// and dropping it unmaps it instead of leaving it in the heap.
+/// Bytes per mapping.
 const CHUNK: usize = 64 * MIB;
 const PAGE: usize = 4096;
 
 /// Touched memory: whole chunks plus the touched prefix of the last one.
 struct Held {
-    chunks: Vec<Vec<u8>>,
+    chunks: Vec<Chunk>,
     /// Bytes touched in the last chunk.
     last_touched: usize,
 }
@@ -42,7 +41,13 @@ impl Held {
         while n > 0 {
             if self.chunks.is_empty() || self.last_touched == CHUNK {
                 // Zeroed allocation of this size is a fresh mmap: nothing is touched yet.
-                self.chunks.push(vec![0u8; CHUNK]);
+                match Chunk::map() {
+                    Some(chunk) => self.chunks.push(chunk),
+                    None => {
+                        eprintln!("memhog: mmap of {CHUNK} bytes failed");
+                        std::process::exit(1);
+                    }
+                }
                 self.last_touched = 0;
             }
             // Bytes held in the chunks before this one.
@@ -52,7 +57,7 @@ impl Held {
             for i in (self.last_touched..end).step_by(PAGE) {
                 // Volatile, so the page fault really happens.
                 // SAFETY: `i` is within the chunk.
-                unsafe { std::ptr::write_volatile(chunk.as_mut_ptr().add(i), 1) };
+                unsafe { std::ptr::write_volatile(chunk.ptr.add(i), 1) };
                 if let Mark::Armed(at) = *mark
                     && before + i + PAGE >= at
                 {
@@ -62,6 +67,45 @@ impl Held {
             n -= end - self.last_touched;
             self.last_touched = end;
         }
+    }
+}
+
+/// One anonymous mapping of [`CHUNK`] bytes, unmapped on drop (so the cgroup's anon memory
+/// really drops on `free`), mapped with base pages only: with transparent huge pages (Debian's
+/// kernels default to `always`) the first touch of a 2 MiB region charges all of it, so usage
+/// would run up to a huge page ahead of the bytes touched and the crossing stamp would be off
+/// by up to one growth step. Page by page, usage follows the touches.
+struct Chunk {
+    ptr: *mut u8,
+}
+
+impl Chunk {
+    fn map() -> Option<Chunk> {
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHUNK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        // Before any touch, so no huge page is ever faulted in. A failure only leaves THP on.
+        // SAFETY: the range is the mapping just created.
+        unsafe { libc::madvise(ptr, CHUNK, libc::MADV_NOHUGEPAGE) };
+        Some(Chunk { ptr: ptr.cast() })
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping of CHUNK bytes, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), CHUNK) };
     }
 }
 
