@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend;
 use crate::cgroup::{CgroupMemory, CgroupTarget};
@@ -156,7 +156,29 @@ pub fn policy_config(args: &ServeArgs) -> anyhow::Result<policy::Config> {
 }
 
 /// Runs the daemon.
+/// Asks the kernel to read the daemon's own executable into the page cache now, so that the
+/// first upscale — code paths that never ran before — is not slowed by page faults waiting on
+/// the disk. Page cache only (clean, reclaimable), not resident memory; best effort.
+fn prefetch_executable() {
+    use std::os::fd::AsRawFd as _;
+    match std::fs::File::open("/proc/self/exe") {
+        Ok(exe) => {
+            // SAFETY: a valid open descriptor; the advice has no memory-safety effect.
+            let rc =
+                unsafe { libc::posix_fadvise(exe.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+            if rc != 0 {
+                debug!(
+                    errno = rc,
+                    "posix_fadvise(WILLNEED) on the executable failed"
+                );
+            }
+        }
+        Err(err) => debug!(error = %err, "cannot open /proc/self/exe to prefetch it"),
+    }
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    prefetch_executable();
     let cfg = policy_config(&args)?;
     let policy = policy::Policy::new(cfg.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let rolling = match &args.record_dir {

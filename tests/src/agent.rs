@@ -386,8 +386,9 @@ struct Shared {
     vm: Mutex<Alloc>,
     current: watch::Sender<Option<Arc<Conn>>>,
     ends: watch::Sender<Vec<ConnEnd>>,
-    upscale_tx: mpsc::UnboundedSender<u64>,
-    upscale_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<u64>>,
+    /// (request id, CLOCK_BOOTTIME ns when the frame was handled).
+    upscale_tx: mpsc::UnboundedSender<(u64, u64)>,
+    upscale_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<(u64, u64)>>,
     /// At most one scaling request (upscale or downscale) in flight.
     scaling: tokio::sync::Mutex<()>,
     stop: watch::Sender<bool>,
@@ -554,6 +555,15 @@ impl FakeAgent {
 
     /// Waits for the next `UpscaleRequest` from the monitor and returns its id.
     pub async fn wait_for_upscale_request(&self, timeout: Duration) -> anyhow::Result<u64> {
+        Ok(self.wait_for_upscale_request_at(timeout).await?.0)
+    }
+
+    /// [`FakeAgent::wait_for_upscale_request`], also returning when the agent's reader handled
+    /// the frame (CLOCK_BOOTTIME ns), before any hop to the waiting task.
+    pub async fn wait_for_upscale_request_at(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<(u64, u64)> {
         let mut rx = self.shared.upscale_rx.lock().await;
         tokio::time::timeout(timeout, rx.recv())
             .await
@@ -950,12 +960,13 @@ fn handle_inbound(shared: &Arc<Shared>, conn: &Arc<Conn>, text: &str) -> Result<
             }
         }
         "UpscaleRequest" => {
+            let at_ns = crate::scenario::boottime_ns();
             let mut st = conn.state();
             let base = st.approved;
             st.requested = Some((Instant::now(), base));
             drop(st);
             shared.note(no, format!("upscale requested (base {base})"));
-            let _ = shared.upscale_tx.send(id);
+            let _ = shared.upscale_tx.send((id, at_ns));
             if let Some(delay) = shared.config.upscale_on_request {
                 let shared = shared.clone();
                 tokio::spawn(async move {
