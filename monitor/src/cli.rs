@@ -68,8 +68,18 @@ pub struct ServeArgs {
     #[arg(short = 'c', long)]
     pub cgroup: Option<String>,
     /// Postgres connection string for file-cache resizing; omit to leave the file cache alone.
-    #[arg(short = 'p', long)]
+    /// On the command line it is readable by every user in /proc/PID/cmdline: pass a password
+    /// through `VM_MONITOR_PGCONNSTR` or `--pgconnstr-file` instead.
+    #[arg(
+        short = 'p',
+        long,
+        env = "VM_MONITOR_PGCONNSTR",
+        hide_env_values = true
+    )]
     pub pgconnstr: Option<String>,
+    /// Read the Postgres connection string from this file (first line; keep it mode 0600).
+    #[arg(long, value_name = "PATH", conflicts_with = "pgconnstr")]
+    pub pgconnstr_file: Option<std::path::PathBuf>,
     /// Pressure signal source.
     #[arg(long, value_enum, default_value_t = SignalChoice::Auto)]
     pub signal: SignalChoice,
@@ -167,8 +177,8 @@ pub struct TraceArgs {
     #[arg(short = 'c', long)]
     pub cgroup: Option<String>,
     /// Stop after this many seconds (default: until Ctrl-C).
-    #[arg(long)]
-    pub duration: Option<f64>,
+    #[arg(long, value_parser = parse_seconds)]
+    pub duration: Option<std::time::Duration>,
     /// One JSON object per event instead of aligned text.
     #[arg(long)]
     pub json: bool,
@@ -228,4 +238,36 @@ pub struct ReplayArgs {
     /// Print only the verdict.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+/// A positive, finite number of seconds that fits a `Duration`.
+fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err(format!("{text} must be more than 0 seconds"));
+    }
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| format!("{text} seconds is too long"))
+}
+
+#[cfg(test)]
+mod seconds_tests {
+    use super::parse_seconds;
+
+    #[test]
+    fn seconds_must_be_positive_finite_and_fit() {
+        assert_eq!(parse_seconds("1.5").unwrap().as_millis(), 1500);
+        for bad in [
+            "0",
+            "-1",
+            "NaN",
+            "inf",
+            "1e300",
+            "18446744073709551616",
+            "x",
+        ] {
+            assert!(parse_seconds(bad).is_err(), "{bad} accepted");
+        }
+    }
 }

@@ -20,29 +20,43 @@ use crate::pressure::probe::{choose_tier, probe};
 use crate::pressure::{PressureEvent, Tier, poll, psi};
 use crate::server::ServerState;
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+/// Signals whose default action would end the process: each one ends in the same clean
+/// shutdown (agent session closed with 1001, memory.high restored) instead.
+const TERMINATING: [(i32, &str); 7] = [
+    (libc::SIGTERM, "SIGTERM"),
+    (libc::SIGINT, "SIGINT"),
+    (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGQUIT, "SIGQUIT"),
+    (libc::SIGUSR1, "SIGUSR1"),
+    (libc::SIGUSR2, "SIGUSR2"),
+    (libc::SIGALRM, "SIGALRM"),
+];
+
+/// Resolves on the first of the [`TERMINATING`] signals.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     // Registered now, not at the first poll: a signal that arrives between this call and the
     // first poll must stop us gracefully rather than kill us with the default action.
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
+    let waits: Vec<_> = TERMINATING
+        .iter()
+        .map(|&(number, name)| {
+            let registered = signal(SignalKind::from_raw(number));
+            Box::pin(async move {
+                match registered {
+                    Ok(mut s) => {
+                        s.recv().await;
+                        info!(signal = name, "signal received; shutting down");
+                    }
+                    Err(err) => {
+                        warn!(error = %err, signal = name, "cannot listen for the signal");
+                        std::future::pending::<()>().await;
+                    }
+                }
+            })
+        })
+        .collect();
     async move {
-        let wait = |s: std::io::Result<tokio::signal::unix::Signal>, name: &'static str| async move {
-            match s {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(err) => {
-                    warn!(error = %err, signal = name, "cannot listen for the signal");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            () = wait(term, "SIGTERM") => {}
-            () = wait(int, "SIGINT") => {}
-        }
+        futures_util::future::select_all(waits).await;
     }
 }
 
@@ -116,7 +130,7 @@ pub fn policy_config(args: &ServeArgs) -> anyhow::Result<policy::Config> {
     let ms = Duration::from_millis;
     let cfg = policy::Config {
         manage_cgroup: args.cgroup.is_some(),
-        manage_file_cache: args.pgconnstr.is_some(),
+        manage_file_cache: args.pgconnstr.is_some() || args.pgconnstr_file.is_some(),
         manage_memory_high: !args.no_memory_high,
         memory_high_guard: args.memory_high_guard,
         sys_buffer: p.sys_buffer_mib.saturating_mul(policy::MIB),
@@ -177,6 +191,20 @@ fn prefetch_executable() {
     }
 }
 
+/// The first line of `path`, the connection string kept out of the command line.
+fn read_connstr(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--pgconnstr-file: reading {}", path.display()))?;
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        anyhow::bail!(
+            "--pgconnstr-file: {} has no connection string",
+            path.display()
+        );
+    }
+    Ok(line.to_string())
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     prefetch_executable();
     let cfg = policy_config(&args)?;
@@ -201,7 +229,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(t) => Some(CgroupMemory::open(t)?),
         None => None,
     };
-    let file_cache = match &args.pgconnstr {
+    let pgconnstr = match (&args.pgconnstr, &args.pgconnstr_file) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(path)) => Some(read_connstr(path)?),
+        (None, None) => None,
+    };
+    let file_cache = match &pgconnstr {
         Some(connstr) => {
             let statement = Duration::from_millis(args.policy.pg_timeout_ms);
             let timeouts = crate::filecache::Timeouts {
@@ -306,7 +339,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             growth_hint,
         };
         let handle = engine::spawn(parts, pressure, shutdown_rx.clone(), Some(decision_tx));
-        info!(addr = %local, cgroup = ?args.cgroup, file_cache = args.pgconnstr.is_some(), "server bound");
+        info!(addr = %local, cgroup = ?args.cgroup, file_cache = pgconnstr.is_some(), "server bound");
         let backend = metrics::instrument_backend(handle.backend, metrics.clone(), None);
         (backend, Some(handle.task), source)
     };

@@ -28,6 +28,22 @@ pub fn init(format: LogFormat) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// Longest peer-supplied text that goes into a log line, in bytes (see [`clip`]).
+pub const PEER_TEXT_MAX: usize = 200;
+
+/// `text` cut to at most `max` bytes (at a char boundary), noting how much was cut: a peer
+/// decides how long its strings are, the log must not.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
+}
+
 /// Default spacing of a repeated log line (see [`warn_limited!`]).
 pub const REPEAT_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -117,6 +133,16 @@ pub(crate) use warn_limited;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_keeps_short_text_and_cuts_long_text_at_a_char_boundary() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("abcdef", 3), "abc… (6 bytes)");
+        // 'é' is two bytes: a cut inside it moves back to its start.
+        assert_eq!(clip("aéb", 2), "a… (4 bytes)");
+        let long = "x".repeat(1 << 20);
+        assert!(clip(&long, PEER_TEXT_MAX).len() < PEER_TEXT_MAX + 32);
+    }
 
     const SEC: u64 = 1_000_000_000;
 

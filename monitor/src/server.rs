@@ -78,6 +78,9 @@ pub fn health_router() -> Router {
     Router::new().route("/healthz", get(healthz))
 }
 
+/// Bytes a connection may have queued for a peer that does not read before it is closed.
+pub const OUTBOUND_BUFFER_MAX: usize = 256 * 1024;
+
 /// Non-upgrade requests are rejected by the `WebSocketUpgrade` extractor with a 4xx.
 async fn monitor_ws(
     State(state): State<ServerState>,
@@ -98,6 +101,11 @@ async fn monitor_ws(
     };
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        // Our frames are small and each is flushed at once; what can pile up is a peer that
+        // does not read (pongs to its pings included): past the budget the write fails and
+        // the session ends instead of buffering without bound.
+        .write_buffer_size(0)
+        .max_write_buffer_size(OUTBOUND_BUFFER_MAX)
         .on_failed_upgrade(move |e| warn!(?peer, error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| session::run(socket, ctx))
 }

@@ -7,6 +7,7 @@
 //! agent session (the reference killed the old session as soon as any upgrade arrived).
 
 use crate::backend::{BackendHandle, ScalingCall, ScalingOutcome, ScalingRequest};
+use crate::logging::{PEER_TEXT_MAX, clip, warn_limited};
 use crate::protocol::{self, AgentBody, Decision, MonitorBody, MonitorMessage};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -209,7 +210,7 @@ async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64) {
             kill
         }
         HandshakeOutcome::Failed { code, reason, log } => {
-            info!(close_code = code, error = %log, "handshake failed; closing connection");
+            info!(close_code = code, error = %clip(&log, PEER_TEXT_MAX), "handshake failed; closing connection");
             close_unsplit(socket, code, reason, cfg).await;
             return;
         }
@@ -485,6 +486,9 @@ async fn drain(stream: &mut SplitStream<WebSocket>, timeout: Duration) {
     .await;
 }
 
+/// Longest error text in an InvalidMessage reply, in bytes.
+const INVALID_REPLY_MAX: usize = 1024;
+
 /// Handles one text frame. Returns false when the session must end.
 fn handle_text(
     text: &str,
@@ -494,10 +498,17 @@ fn handle_text(
     let msg = match protocol::decode_inbound(text) {
         Decision::Handle(m) => m,
         Decision::Reject { id, error } => {
-            warn!(id, error = %error, len = text.len(), "invalid message from agent; answering InvalidMessage");
+            // The peer chooses the text and the rate: both are bounded in the log.
+            warn_limited!(id, error = %clip(&error, PEER_TEXT_MAX), len = text.len(), "invalid message from agent; answering InvalidMessage");
             return queue(
                 out,
-                MonitorMessage::new(id, MonitorBody::InvalidMessage { error }),
+                // Bounded in the reply too: it may quote the peer's input.
+                MonitorMessage::new(
+                    id,
+                    MonitorBody::InvalidMessage {
+                        error: clip(&error, INVALID_REPLY_MAX).into_owned(),
+                    },
+                ),
             );
         }
     };
@@ -508,11 +519,11 @@ fn handle_text(
             return queue(out, MonitorMessage::new(id, MonitorBody::HealthCheck));
         }
         AgentBody::InvalidMessage { error } => {
-            warn!(id, error = %error, "agent says a message of ours was invalid");
+            warn_limited!(id, error = %clip(&error, PEER_TEXT_MAX), "agent says a message of ours was invalid");
             return true;
         }
         AgentBody::InternalError { error } => {
-            warn!(id, error = %error, "agent reports an internal error");
+            warn_limited!(id, error = %clip(&error, PEER_TEXT_MAX), "agent reports an internal error");
             return true;
         }
         AgentBody::DownscaleRequest { target } => ScalingRequest::Downscale { target },

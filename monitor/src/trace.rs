@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use monitor_ebpf::{KindCounters, RecordKind};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -103,11 +103,6 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         Some(TraceCommand::Plot(a)) => return plot(a),
         None => {}
     }
-    if let Some(d) = args.duration
-        && !(d.is_finite() && d > 0.0)
-    {
-        bail!("--duration must be a positive number of seconds, got {d}");
-    }
     let target = match &args.cgroup {
         Some(name) => Some(CgroupTarget::resolve(name)?),
         None => None,
@@ -153,7 +148,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
     let deadline = async {
         match args.duration {
-            Some(d) => tokio::time::sleep(Duration::from_secs_f64(d)).await,
+            Some(d) => tokio::time::sleep(d).await,
             None => std::future::pending().await,
         }
     };

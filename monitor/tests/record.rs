@@ -827,7 +827,7 @@ fn trace_subcommands_coexist_with_live_tracing() {
     };
     assert!(t.command.is_none());
     assert_eq!(t.cgroup.as_deref(), Some("x"));
-    assert_eq!(t.duration, Some(5.0));
+    assert_eq!(t.duration, Some(std::time::Duration::from_secs(5)));
     let cli = Cli::try_parse_from(["vm-monitor", "trace", "--record", "r.vmrec"]).unwrap();
     let Some(Cmd::Trace(t)) = cli.command else {
         panic!("not trace")

@@ -40,11 +40,17 @@ impl Daemon {
 
     /// Like [`Daemon::start`] with extra arguments.
     pub async fn start_with_args(extra: &[&str]) -> anyhow::Result<Daemon> {
+        Self::start_logging(extra, None).await
+    }
+
+    /// Like [`Daemon::start_with_args`] with `RUST_LOG` = `level` (e.g. `info`, the
+    /// production level, for tests that bound what the log receives).
+    pub async fn start_logging(extra: &[&str], level: Option<&str>) -> anyhow::Result<Daemon> {
         // The port is free when we look; a concurrent test may grab it before the daemon binds,
         // so try a few ports.
         let mut last_err = None;
         for _ in 0..3 {
-            match Self::try_start(extra).await {
+            match Self::try_start(extra, level).await {
                 Ok(d) => return Ok(d),
                 Err(e) => last_err = Some(e),
             }
@@ -52,7 +58,7 @@ impl Daemon {
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("daemon did not start")))
     }
 
-    async fn try_start(extra: &[&str]) -> anyhow::Result<Daemon> {
+    async fn try_start(extra: &[&str], level: Option<&str>) -> anyhow::Result<Daemon> {
         let bin = binary();
         if !bin.exists() {
             bail!(
@@ -73,7 +79,9 @@ impl Daemon {
             .args(extra)
             .env(
                 "RUST_LOG",
-                std::env::var("VM_MONITOR_TEST_LOG").unwrap_or_else(|_| "debug".to_string()),
+                level.map(str::to_owned).unwrap_or_else(|| {
+                    std::env::var("VM_MONITOR_TEST_LOG").unwrap_or_else(|_| "debug".to_string())
+                }),
             )
             .stdin(Stdio::null())
             .stdout(log)
@@ -104,6 +112,22 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The daemon's resident set (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .context("reading the daemon's /proc status")?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in the daemon's /proc status")
     }
 
     /// `ws://127.0.0.1:PORT/monitor`.
@@ -147,20 +171,25 @@ impl Daemon {
     }
 
     /// Sends SIGTERM and waits for the exit (bounded).
-    pub async fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+    pub async fn terminate(self) -> anyhow::Result<std::process::ExitStatus> {
+        self.stop_with("TERM").await
+    }
+
+    /// Sends signal `name` (as `kill -NAME` spells it) and waits for the exit.
+    pub async fn stop_with(mut self, name: &str) -> anyhow::Result<std::process::ExitStatus> {
         // SAFETY-free: kill(2) through the `kill` command keeps this crate free of libc.
         let pid = self.child.id().to_string();
         Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([&format!("-{name}"), &pid])
             .status()
-            .context("sending SIGTERM")?;
+            .with_context(|| format!("sending SIG{name}"))?;
         let until = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
             }
             if Instant::now() >= until {
-                bail!("vm-monitor did not exit after SIGTERM:\n{}", self.logs());
+                bail!("vm-monitor did not exit after SIG{name}:\n{}", self.logs());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -699,6 +699,26 @@ async fn silent_connection_is_dropped_after_the_handshake_budget() {
 // ---------------------------------------------------------------------------------------------
 // Shutdown
 
+/// Every signal whose default action would kill the daemon ends in the same clean shutdown.
+#[tokio::test]
+async fn other_terminating_signals_close_the_session_with_1001_too() {
+    for name in ["HUP", "QUIT", "USR1", "USR2", "ALRM", "INT"] {
+        let d = daemon().await;
+        let a = FakeAgent::connect(agent(&d)).await.unwrap();
+        a.health_check().await.unwrap();
+        let status = d.stop_with(name).await.unwrap();
+        assert_eq!(
+            a.wait_for_end(1, AGENT_TIMEOUT).await.unwrap(),
+            ConnEnd::ClosedByMonitor {
+                code: Some(1001),
+                reason: "vm-monitor is shutting down".into()
+            },
+            "SIG{name}"
+        );
+        assert!(status.success(), "SIG{name}: {status}");
+    }
+}
+
 #[tokio::test]
 async fn sigterm_closes_the_session_with_1001() {
     let d = daemon().await;

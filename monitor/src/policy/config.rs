@@ -188,10 +188,11 @@ impl Config {
             return fail("file_cache.min_remaining_after_cache", "must be non-zero");
         }
         let f = self.upscale_threshold_fraction;
-        if !(f > 0.0 && f <= 1.0) {
+        // At 1 the threshold is all of usable memory: no room left to react in.
+        if !(f > 0.0 && f < 1.0) {
             return fail(
                 "upscale_threshold_fraction",
-                format!("{f} is not in (0, 1]"),
+                format!("{f} is not in (0, 1)"),
             );
         }
         if self.upscale_min_interval.is_zero() {
@@ -268,7 +269,12 @@ mod tests {
         check(
             |c| c.upscale_threshold_fraction = 1.5,
             "upscale_threshold_fraction",
-            "(0, 1]",
+            "(0, 1)",
+        );
+        check(
+            |c| c.upscale_threshold_fraction = 1.0,
+            "upscale_threshold_fraction",
+            "(0, 1)",
         );
         check(
             |c| c.upscale_min_interval = Duration::ZERO,
