@@ -17,7 +17,7 @@ use crate::logging::warn_limited;
 use crate::metrics::Metrics;
 use crate::policy::{Action, Decision, DecisionKind, Effect, Input, Policy, PressureSignal};
 use crate::pressure::ebpf::{GrowthHint, GrowthSnapshot};
-use crate::pressure::{PressureEvent, PressureKind, boottime_ns};
+use crate::pressure::{PressureEvent, PressureKind, RecordKind, boottime_ns};
 use crate::record::Recorder;
 
 /// Most pressure events folded into one on-demand reading.
@@ -77,6 +77,7 @@ pub fn spawn(
         armed: None,
         growth_base: GrowthSnapshot::default(),
         read_now: false,
+        last_burst_reading: None,
         recheck_at: None,
     };
     let task = tokio::spawn(engine.run(parts.mem_total, pressure, calls_rx, shutdown));
@@ -113,6 +114,8 @@ struct Engine {
     growth_base: GrowthSnapshot,
     /// The hint was already reached when armed: read at the next chance.
     read_now: bool,
+    /// The last reading taken for a pressure burst, for reclaim bursts right after it.
+    last_burst_reading: Option<(std::time::Instant, u64)>,
     /// Policy-requested fresh reading while usage stays over the threshold (boot-clock ns).
     recheck_at: Option<u64>,
 }
@@ -248,9 +251,32 @@ impl Engine {
     async fn handle_pressure(&mut self, burst: &mut Vec<PressureEvent>) {
         // One on-demand reading serves the whole burst: events arrive in bunches under
         // pressure, and memory.stat is the expensive part.
-        let needs_reading = burst
+        let wants_reading = burst
             .iter()
             .any(|ev| !matches!(ev.kind, PressureKind::PolledSample { .. }));
+        // Reclaim records come at up to 100/s per kind under a limit someone else holds; one
+        // reading per poll period serves them as well as the poll tier would be served. What
+        // can trigger on its own (growth hint, OOM, direct-reclaim stall, PSI, memory.events)
+        // always gets a fresh one. The memory.high guard steps on every reading, so it always
+        // reads.
+        let reusable = !self.policy.config().guards_memory_high()
+            && burst.iter().all(|ev| {
+                matches!(
+                    ev.kind,
+                    PressureKind::Kernel(
+                        RecordKind::MemcgReclaimBegin
+                            | RecordKind::MemcgReclaimEnd
+                            | RecordKind::DirectReclaimBegin
+                            | RecordKind::KswapdWake
+                            | RecordKind::MemcgEvents
+                    )
+                )
+            });
+        let recent = self
+            .last_burst_reading
+            .filter(|(at, _)| reusable && at.elapsed() < READING_REUSE)
+            .map(|(_, r)| r);
+        let needs_reading = wants_reading && recent.is_none();
         let base = if needs_reading {
             self.growth_snapshot()
         } else {
@@ -266,6 +292,7 @@ impl Engine {
                         events = burst.len(),
                         "memory.stat read for a pressure burst"
                     );
+                    self.last_burst_reading = Some((started, s.non_reclaimable()));
                     Some(s.non_reclaimable())
                 }
                 Err(err) => {
@@ -274,7 +301,7 @@ impl Engine {
                     None
                 }
             },
-            _ => None,
+            _ => recent,
         };
         for ev in burst.drain(..) {
             if let Some(m) = &self.metrics {
@@ -520,6 +547,10 @@ impl Engine {
         }
     }
 }
+
+/// How long a pressure burst's reading serves later bursts of reclaim records (the poll tier's
+/// sampling period).
+const READING_REUSE: Duration = Duration::from_millis(100);
 
 /// Waits for at least one event and takes what else is already queued (up to [`MAX_BURST`]).
 /// Returns 0 when the source is gone; never resolves without a source.

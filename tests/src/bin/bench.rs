@@ -606,10 +606,11 @@ async fn storm(
     secs: u64,
 ) -> anyhow::Result<()> {
     // `-pc`: page-cache churn (each task re-reads its own file) instead of anonymous churn.
+    // As shipped (the default window) unless the variant says otherwise.
     let (coalesce, page_cache) = match variant {
-        "ebpf" => ("10", false),
-        "ebpf-c0" => ("0", false),
-        "ebpf-pc" => ("10", true),
+        "ebpf" => (None, false),
+        "ebpf-c0" => (Some("0"), false),
+        "ebpf-pc" => (None, true),
         other => anyhow::bail!("unknown storm variant {other}"),
     };
     let scratch = if page_cache {
@@ -620,7 +621,10 @@ async fn storm(
     cg.write("memory.swap.max", "max")?;
     cg.write("memory.high", WORKLOAD_HIGH)?;
     let result = async {
-        let mut mon = attach(cg, &["--coalesce-ms", coalesce])?;
+        let mut mon = match coalesce {
+            Some(ms) => attach(cg, &["--coalesce-ms", ms])?,
+            None => attach(cg, &[])?,
+        };
         let pid = mon.pid();
         let mut hogs = Vec::new();
         let mut readers = Vec::new();
