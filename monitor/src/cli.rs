@@ -59,11 +59,20 @@ pub struct ServeArgs {
     /// Address to listen on for the autoscaler-agent (`IP:port` or `host:port`).
     #[arg(short = 'a', long, default_value = "0.0.0.0:10301")]
     pub addr: String,
-    /// Also serve `/metrics`, `/debug/decisions` and `/healthz` on this address (`IP:port` or
-    /// `host:port`), e.g. a loopback-only one for a local scraper. They are always served on
-    /// `--addr` too.
+    /// Serve `/metrics`, `/debug/decisions` and `/healthz` on this address (`IP:port` or
+    /// `host:port`), e.g. a loopback-only one for a local scraper. With it, `/metrics` and
+    /// `/debug/decisions` are no longer served on `--addr`.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
+    /// Addresses that may open the agent websocket: comma-separated CIDRs or IPs, `private`
+    /// (loopback, 10/8, 172.16/12, 192.168/16, 100.64/10, link-local, IPv6 ULA) or `any`.
+    /// Others get HTTP 403 before any websocket exists. Narrow it to the agent's network.
+    #[arg(long, value_name = "LIST", default_value = "private")]
+    pub agent_allow: crate::admission::AgentAllow,
+    /// Leave Nagle's algorithm on for agent connections (only to measure what TCP_NODELAY
+    /// saves).
+    #[arg(long, hide = true)]
+    pub no_tcp_nodelay: bool,
     /// Name of the cgroup (v2) Postgres runs in, relative to /sys/fs/cgroup.
     #[arg(short = 'c', long)]
     pub cgroup: Option<String>,

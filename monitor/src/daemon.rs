@@ -32,6 +32,22 @@ const TERMINATING: [(i32, &str); 7] = [
     (libc::SIGALRM, "SIGALRM"),
 ];
 
+/// Blocks (`how` = `SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) the [`TERMINATING`] signals in the
+/// calling thread (and threads it creates later). Blocked at the first line of `main`, a
+/// signal sent right after exec stays pending instead of killing the process with its default
+/// action; once [`shutdown_signal`] has registered handlers, unblocking delivers it to them.
+pub fn mask_terminating_signals(how: libc::c_int) {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for (number, _) in TERMINATING {
+            libc::sigaddset(&mut set, number);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 /// Resolves on the first of the [`TERMINATING`] signals.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
@@ -206,6 +222,9 @@ fn read_connstr(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // First: from here on every terminating signal ends in the clean shutdown.
+    let signalled = shutdown_signal();
+    mask_terminating_signals(libc::SIG_UNBLOCK);
     prefetch_executable();
     let cfg = policy_config(&args)?;
     let policy = policy::Policy::new(cfg.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -261,7 +280,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let signalled = shutdown_signal();
     tokio::spawn(async move {
         signalled.await;
         info!("shutting down");
@@ -344,27 +362,46 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (backend, Some(handle.task), source)
     };
 
-    let state = ServerState::new(backend);
+    let limits = crate::admission::Limits {
+        tcp_nodelay: !args.no_tcp_nodelay,
+        ..Default::default()
+    };
+    info!(agent_allow = %args.agent_allow, "agent websocket allowed from these networks");
+    let admission = crate::admission::Admission::new(limits, args.agent_allow.clone());
+    let state = ServerState::new(backend, admission.clone());
     let sessions = state.sessions.clone();
     metrics.set_sessions(sessions.clone());
+    metrics.set_admission(admission.clone());
     let observability = crate::server::observability_router(metrics, decision_log);
+    let mut app = crate::server::router(state);
     if let Some(listener) = metrics_listener {
-        let app = observability.clone().merge(crate::server::health_router());
+        let app = observability.merge(crate::server::health_router());
         let mut stop = shutdown_rx.clone();
+        // The same connection budgets and deadlines; no agent is served here.
+        let budget = crate::admission::Admission::new(
+            crate::admission::Limits::default(),
+            crate::admission::AgentAllow::any(),
+        );
         tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
+            let served = crate::server::serve_router(
+                listener,
+                app,
+                crate::session::Sessions::new(),
+                budget,
+                async move {
                     let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
+                },
+            )
+            .await;
             if let Err(err) = served {
-                warn!(error = %err, "the --metrics-addr server failed");
+                warn!(error = %format!("{err:#}"), "the --metrics-addr server failed");
             }
         });
+    } else {
+        app = app.merge(observability);
     }
-    let app = crate::server::router(state).merge(observability);
     let mut server_shutdown = shutdown_rx.clone();
-    let server = crate::server::serve_router(listener, app, sessions, async move {
+    let server = crate::server::serve_router(listener, app, sessions, admission, async move {
         let _ = server_shutdown.wait_for(|stop| *stop).await;
     });
     let served = server.await;

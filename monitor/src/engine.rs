@@ -542,11 +542,18 @@ impl Engine {
                     let wait = fc.next_attempt_in().unwrap_or(Duration::from_secs(1));
                     self.fc_retry_at = Some(boottime_ns() + wait.as_nanos() as u64);
                 }
-                Err(format!("{err:#}"))
+                // The details (host, port, database, user, server messages) stay in the log:
+                // the result goes into replies and the decision log, which network peers read.
+                warn_limited!(error = %format!("{err:#}"), bytes, "setting the file cache size failed");
+                Err(FILE_CACHE_FAILED.to_string())
             }
         }
     }
 }
+
+/// What peers learn of a failed file-cache resize (the cause is in the daemon's log).
+const FILE_CACHE_FAILED: &str =
+    "setting the Postgres file cache size failed (see the vm-monitor log)";
 
 /// How long a pressure burst's reading serves later bursts of reclaim records (the poll tier's
 /// sampling period).

@@ -4,6 +4,7 @@
 //! Data flows one way: kernel → [`pressure`] stream → engine → policy → actions (websocket
 //! [`server`]/[`session`], cgroup, Postgres).
 
+pub mod admission;
 pub mod backend;
 pub mod cgroup;
 pub mod cli;

@@ -7,7 +7,14 @@ use clap::Parser;
 use monitor::cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
+    // Before anything else: a TERM that arrives while the daemon starts must end in its clean
+    // shutdown, not the default action (the daemon unblocks once its handlers exist).
+    monitor::daemon::mask_terminating_signals(libc::SIG_BLOCK);
     let cli = Cli::parse();
+    if cli.command.is_some() {
+        // The tools keep the default actions (Ctrl-C ends them) unless they handle a signal.
+        monitor::daemon::mask_terminating_signals(libc::SIG_UNBLOCK);
+    }
     if let Err(err) = monitor::logging::init(cli.log_format) {
         eprintln!("vm-monitor: cannot initialise logging: {err:#}");
         return std::process::ExitCode::FAILURE;

@@ -162,6 +162,7 @@ struct Live {
     tier: OnceLock<Option<Tier>>,
     vm: VmGauges,
     sessions: OnceLock<Arc<Sessions>>,
+    admission: OnceLock<Arc<crate::admission::Admission>>,
     kernel: OnceLock<Box<dyn KernelSource>>,
 }
 
@@ -283,6 +284,7 @@ impl Metrics {
             tier: OnceLock::new(),
             vm: VmGauges::new(),
             sessions: OnceLock::new(),
+            admission: OnceLock::new(),
             kernel: OnceLock::new(),
         });
         registry.register_collector(Box::new(LiveCollector { live: live.clone() }));
@@ -315,6 +317,11 @@ impl Metrics {
     /// Agent sessions to report on. Later calls are ignored.
     pub fn set_sessions(&self, sessions: Arc<Sessions>) {
         let _ = self.inner.live.sessions.set(sessions);
+    }
+
+    /// The agent listener's connection budgets to report on. Later calls are ignored.
+    pub fn set_admission(&self, admission: Arc<crate::admission::Admission>) {
+        let _ = self.inner.live.admission.set(admission);
     }
 
     /// Kernel-side statistics (eBPF tier). Later calls are ignored.
@@ -593,6 +600,33 @@ impl Collector for LiveCollector {
                 "UpscaleRequest frames sent to the agent (after the session's 1/s limit; none while no agent is connected).",
                 s.upscale_requests_sent(),
             )?;
+        }
+
+        if let Some(a) = live.admission.get() {
+            let (open, handshaking) = a.open();
+            gauge(
+                &mut enc,
+                "tcp_connections",
+                "TCP connections open on the agent listener (any state).",
+                None,
+                open as u64,
+            )?;
+            gauge(
+                &mut enc,
+                "websocket_handshakes",
+                "Agent websockets upgraded but not through the version handshake yet.",
+                None,
+                handshaking as u64,
+            )?;
+            let mut m = enc.encode_descriptor(
+                "connections_refused",
+                "Connections and websocket upgrades refused on the agent listener, by reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (why, n) in a.refusals() {
+                ConstCounter::new(n).encode(m.encode_family(&[("reason", why.name())])?)?;
+            }
         }
 
         if let Some(kernel) = live.kernel.get() {

@@ -305,8 +305,46 @@ pub enum Decision {
     Reject { id: u64, error: String },
 }
 
+/// Deepest nesting of arrays/objects an agent frame may have (its deepest is 3).
+pub const MAX_NESTING: usize = 16;
+
+/// Whether `text` nests arrays/objects deeper than `max`, by one pass over the bytes: a frame
+/// built to be costly (deep or wide trees of arrays) is refused before a JSON tree is built.
+fn nests_deeper_than(text: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Decodes one agent text frame. Total and panic-free for any input.
 pub fn decode_inbound(text: &str) -> Decision {
+    if nests_deeper_than(text, MAX_NESTING) {
+        return reject(
+            0,
+            format!("frame nests arrays/objects deeper than {MAX_NESTING} levels"),
+        );
+    }
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => return reject(0, format!("frame is not valid JSON: {e}")),
@@ -529,6 +567,27 @@ impl MonitorMessage {
                 self.id
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod nesting_tests {
+    use super::*;
+
+    #[test]
+    fn nesting_scan_counts_structure_not_strings() {
+        assert!(!nests_deeper_than(r#"{"a":{"b":[1,2]}}"#, 3));
+        assert!(nests_deeper_than(r#"{"a":{"b":[[1]]}}"#, 3));
+        // Brackets inside strings, also after escaped quotes, do not count.
+        assert!(!nests_deeper_than(r#"{"e":"[[[[\"[[[["}"#, 1));
+        let deep = format!("{}{}", "[".repeat(17), "]".repeat(17));
+        assert!(matches!(
+            decode_inbound(&deep),
+            Decision::Reject { id: 0, ref error } if error.contains("deeper than 16")
+        ));
+        // Wide but shallow trees parse (and are rejected for what they are).
+        let wide = format!("[{}]", vec!["[[1]]"; 1000].join(","));
+        assert!(!nests_deeper_than(&wide, MAX_NESTING));
     }
 }
 

@@ -1,21 +1,24 @@
 //! HTTP side: `GET /monitor` (agent websocket), `GET /healthz` (daemon liveness), and the
 //! operators' `GET /metrics` and `GET /debug/decisions` ([`observability_router`]).
 //!
-//! [`router`] is separate from [`serve`] so more routes (e.g. `/metrics`) can be merged in;
-//! use [`serve_router`] to serve such an extended router with the same shutdown handling.
+//! [`serve_router`] runs its own accept loop (rather than `axum::serve`) so that every
+//! connection is admitted against the [`Admission`] budgets and gets header and HTTP-phase
+//! deadlines: a flood of slow or idle clients cannot use up the daemon's descriptors or keep
+//! the real agent out.
 
+use crate::admission::{Admission, Counted, Refusal};
 use crate::backend::BackendHandle;
 use crate::decisions::{self, DecisionLog};
+use crate::logging::warn_limited;
 use crate::metrics::{self, Metrics};
 use crate::session::{self, SessionConfig, SessionContext, Sessions};
 use anyhow::{Context, bail};
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
-use axum::http::Extensions;
-use axum::response::Response;
+use axum::http::{Extensions, HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +26,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-/// How long [`serve`] waits for agent sessions to finish their close handshake on shutdown.
+/// How long [`serve_router`] waits for agent sessions to finish their close handshake on
+/// shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Shared state of the websocket route.
@@ -32,18 +36,24 @@ pub struct ServerState {
     pub backend: BackendHandle,
     pub sessions: Arc<Sessions>,
     pub config: SessionConfig,
+    pub admission: Arc<Admission>,
 }
 
 impl ServerState {
-    pub fn new(backend: BackendHandle) -> Self {
-        Self::with_config(backend, SessionConfig::default())
+    pub fn new(backend: BackendHandle, admission: Arc<Admission>) -> Self {
+        Self::with_config(backend, SessionConfig::default(), admission)
     }
 
-    pub fn with_config(backend: BackendHandle, config: SessionConfig) -> Self {
+    pub fn with_config(
+        backend: BackendHandle,
+        config: SessionConfig,
+        admission: Arc<Admission>,
+    ) -> Self {
         Self {
             backend,
             sessions: Sessions::new(),
             config,
+            admission,
         }
     }
 }
@@ -81,23 +91,74 @@ pub fn health_router() -> Router {
 /// Bytes a connection may have queued for a peer that does not read before it is closed.
 pub const OUTBOUND_BUFFER_MAX: usize = 256 * 1024;
 
-/// Non-upgrade requests are rejected by the `WebSocketUpgrade` extractor with a 4xx.
+/// A refusal before the upgrade: a status the client can read and a counted reason.
+fn refuse(state: &ServerState, peer: Option<SocketAddr>, why: Refusal, text: String) -> Response {
+    state.admission.refused(why);
+    warn_limited!(
+        ?peer,
+        reason = why.name(),
+        "agent websocket refused: {text}"
+    );
+    let status = match why {
+        Refusal::NotAllowed | Refusal::Origin => StatusCode::FORBIDDEN,
+        Refusal::SeatTaken => StatusCode::CONFLICT,
+        Refusal::TooManyConnections
+        | Refusal::TooManyFromPeer
+        | Refusal::TooManyOutsiders
+        | Refusal::TooManyHandshaking => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, format!("vm-monitor: {text}\n")).into_response()
+}
+
+/// Non-upgrade requests are rejected by the `WebSocketUpgrade` extractor with a 4xx. Who may
+/// upgrade is decided here, before any websocket state exists.
 async fn monitor_ws(
     State(state): State<ServerState>,
     extensions: Extensions,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    // Present when served through `serve`/`serve_router`; optional so the router also works
-    // under a plain `axum::serve`.
+    // Present when served through `serve_router`; optional so the router also works under a
+    // plain `axum::serve` (then the allow-list cannot apply).
     let peer = extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| *addr);
+    if let Some(p) = peer
+        && !state.admission.allow().allows(p.ip())
+    {
+        let text = format!("{} is not in --agent-allow", p.ip().to_canonical());
+        return refuse(&state, peer, Refusal::NotAllowed, text);
+    }
+    // Browsers always send Origin on a websocket; the agent never does. Without this a web
+    // page open on the VM's network could drive the session.
+    if headers.contains_key(header::ORIGIN) {
+        let text = "websocket requests with an Origin header are not accepted".to_string();
+        return refuse(&state, peer, Refusal::Origin, text);
+    }
+    // Cheap early answer while a healthy agent holds the session; the handshake decides for
+    // good (`Sessions::claim`).
+    if let Some(text) = state.sessions.seat_taken_for(peer) {
+        return refuse(&state, peer, Refusal::SeatTaken, text);
+    }
+    let slot = match state.admission.handshake() {
+        Ok(slot) => slot,
+        Err(why) => {
+            // `handshake()` counted it already.
+            warn_limited!(?peer, reason = why.name(), "agent websocket refused");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "vm-monitor: too many websocket handshakes in progress\n",
+            )
+                .into_response();
+        }
+    };
     let limit = state.config.max_message_size;
     let ctx = SessionContext {
         backend: state.backend,
         sessions: state.sessions,
         config: state.config,
         peer,
+        admission: state.admission,
     };
     ws.max_message_size(limit)
         .max_frame_size(limit)
@@ -106,8 +167,8 @@ async fn monitor_ws(
         // the session ends instead of buffering without bound.
         .write_buffer_size(0)
         .max_write_buffer_size(OUTBOUND_BUFFER_MAX)
-        .on_failed_upgrade(move |e| warn!(?peer, error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| session::run(socket, ctx))
+        .on_failed_upgrade(move |e| warn_limited!(?peer, error = %e, "websocket upgrade failed"))
+        .on_upgrade(move |socket| session::run(socket, ctx, slot))
 }
 
 /// Binds the listen address. `addr` is `IP:port` or `host:port` (resolved; every resolved
@@ -141,47 +202,56 @@ pub async fn bind_for(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     bail!("cannot bind listen address {addr:?}: {}", errors.join("; "))
 }
 
-/// Serves [`router`] on `listener` until `shutdown` resolves, then closes agent sessions
-/// (close code 1001) and returns.
-pub async fn serve(
-    listener: TcpListener,
-    backend: BackendHandle,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let state = ServerState::new(backend);
-    let sessions = state.sessions.clone();
-    serve_router(listener, router(state), sessions, shutdown).await
-}
-
-/// Like [`serve`] for a router built from [`router`] (possibly with extra routes); `sessions`
-/// must be the `ServerState::sessions` the router was built with.
+/// Serves `app` (built from [`router`], possibly with more routes) on `listener` until
+/// `shutdown` resolves, then closes agent sessions (close code 1001) and returns. `sessions`
+/// and `admission` must be the ones in the router's [`ServerState`].
 pub async fn serve_router(
     listener: TcpListener,
     app: Router,
     sessions: Arc<Sessions>,
+    admission: Arc<Admission>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let signal_sessions = sessions.clone();
-    let shutdown = async move {
-        shutdown.await;
-        info!("shutting down: closing agent sessions");
-        // Upgraded connections are not tracked by axum's graceful shutdown; tell them here.
-        signal_sessions.begin_shutdown();
-    };
-    // Frames are small and latency-bound (an UpscaleRequest right after a health-check reply
-    // would otherwise wait for the peer's delayed ACK under Nagle).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // EMFILE/ENFILE and aborted handshakes: keep serving, do not spin.
+                    warn_limited!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let slot = match admission.connect(peer) {
+            Ok(slot) => slot,
+            Err(why) => {
+                // Closed at once: an answer would cost more than the refusal protects.
+                warn_limited!(%peer, reason = why.name(), "connection refused");
+                drop(tcp);
+                continue;
+            }
+        };
+        // Frames are small and latency-bound (an UpscaleRequest right after a health-check
+        // reply would otherwise wait for the peer's delayed ACK under Nagle).
+        if admission.limits().tcp_nodelay
+            && let Err(err) = tcp.set_nodelay(true)
+        {
             debug!(error = %err, "cannot set TCP_NODELAY on an agent connection");
         }
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("HTTP server failed")?;
+        tokio::spawn(serve_connection(
+            Counted::new(tcp, slot),
+            peer,
+            app.clone(),
+            admission.limits().clone(),
+        ));
+    }
+    info!("shutting down: closing agent sessions");
+    // Upgraded connections live on in their own tasks; tell them here.
+    sessions.begin_shutdown();
     if !sessions.wait_idle(SHUTDOWN_GRACE).await {
         warn!(
             live = sessions.live(),
@@ -189,4 +259,35 @@ pub async fn serve_router(
         );
     }
     Ok(())
+}
+
+/// One HTTP/1.1 connection: each request's headers within `header_timeout`, the whole HTTP
+/// phase (keep-alive included: a scraper reconnects cheaply) within `http_deadline`. An upgraded connection leaves this future and lives in its session task.
+async fn serve_connection(
+    io: Counted<tokio::net::TcpStream>,
+    peer: SocketAddr,
+    app: Router,
+    limits: crate::admission::Limits,
+) {
+    let service = hyper::service::service_fn(
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let mut app = app.clone();
+            async move { tower_service::Service::call(&mut app, req.map(axum::body::Body::new)).await }
+        },
+    );
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        // Far above any real request line and headers; bounds what a client can make us hold.
+        .max_buf_size(16 * 1024);
+    let conn = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    match tokio::time::timeout(limits.http_deadline, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => debug!(%peer, error = %err, "HTTP connection ended with an error"),
+        Err(_) => debug!(%peer, "HTTP connection past its deadline; closed"),
+    }
 }

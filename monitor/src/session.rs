@@ -2,25 +2,51 @@
 //! frames itself), a scaling worker (one backend call at a time, in arrival order, each with a
 //! timeout) and a writer (the only task touching the socket's send half).
 //!
-//! Only one session is "current": a session becomes current once its handshake succeeds and
-//! then closes the previous one, so a half-open or garbage connection cannot kill a healthy
-//! agent session (the reference killed the old session as soon as any upgrade arrived).
+//! Only one session is "current" (it holds the *seat*). A connection that completes the
+//! handshake takes the seat only if it is free, or held from the same IP address (the agent
+//! reconnecting), or held by a session that is no longer an agent: silent for longer than the
+//! agent's health checks allow, or not answering a websocket ping within a second
+//! ([`Sessions::claim`]). Otherwise the newcomer is refused and a healthy agent keeps its
+//! session: any client on the network could otherwise evict it (the reference killed the old
+//! session as soon as any upgrade arrived).
 
+use crate::admission::HandshakeSlot;
 use crate::backend::{BackendHandle, ScalingCall, ScalingOutcome, ScalingRequest};
 use crate::logging::{PEER_TEXT_MAX, clip, warn_limited};
 use crate::protocol::{self, AgentBody, Decision, MonitorBody, MonitorMessage};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Close code for "message too big" (RFC 6455 §7.4.1).
 pub const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Largest message accepted from a peer. The agent's messages are under 200 bytes and its own
+/// read limit is 32 KiB; a cap in this range keeps a hostile frame's parse cost small.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Largest first frame (the protocol version range, ~20 bytes) that is parsed at all.
+const HANDSHAKE_FRAME_MAX: usize = 1024;
+
+/// A current session that sent nothing for this long is no longer an agent: the agent sends a
+/// health check every 5 s.
+const SEAT_SILENCE: Duration = Duration::from_secs(12);
+/// How long a current session has to answer the ping that a newcomer's claim triggers.
+const SEAT_PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// A pong this recent proves the current session is read by a live peer: newcomers from
+/// elsewhere are refused without pinging it again.
+const SEAT_PROOF_VALID: Duration = Duration::from_secs(2);
+
+/// How long a reply may wait for room in the outgoing queue, or a frame for the socket, before
+/// the peer counts as not reading (the agent gives up on a reply after 5 s).
+const WRITE_STALL: Duration = Duration::from_secs(2);
 
 /// Per-session limits and timeouts.
 #[derive(Clone, Debug)]
@@ -45,7 +71,7 @@ impl Default for SessionConfig {
             handshake_timeout: Duration::from_secs(4),
             backend_timeout: Duration::from_secs(4),
             close_timeout: Duration::from_secs(2),
-            max_message_size: 1 << 20,
+            max_message_size: MAX_MESSAGE,
             min_upscale_request_interval: Duration::from_secs(1),
         }
     }
@@ -67,7 +93,58 @@ pub struct Sessions {
 #[derive(Debug)]
 struct Current {
     conn: u64,
+    ip: Option<IpAddr>,
     kill: oneshot::Sender<()>,
+    seat: Arc<Seat>,
+}
+
+/// What others may learn about the current session's liveness.
+#[derive(Debug)]
+struct Seat {
+    /// Last frame from the peer (or the handshake).
+    heard: Mutex<Instant>,
+    /// Last pong to one of our pings (`None`: never pinged or never answered).
+    ponged: watch::Sender<Option<Instant>>,
+    /// Asks the session to ping its peer (capacity 1: one ping in flight is enough).
+    ping: mpsc::Sender<()>,
+}
+
+impl Seat {
+    fn heard(&self) -> Instant {
+        *self.heard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hear(&self) {
+        *self.heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn recently_proven(&self, now: Instant) -> bool {
+        self.ponged
+            .borrow()
+            .is_some_and(|t| now.saturating_duration_since(t) < SEAT_PROOF_VALID)
+    }
+}
+
+/// What [`Sessions::claim`] decided.
+enum Claim {
+    Won {
+        kill: oneshot::Receiver<()>,
+        seat: SeatHandle,
+    },
+    Refused(String),
+}
+
+/// The current session's side of its [`Seat`].
+struct SeatHandle {
+    seat: Arc<Seat>,
+    ping: mpsc::Receiver<()>,
+}
+
+/// What the incumbent looked like when a claim started.
+struct Incumbent {
+    conn: u64,
+    ip: Option<IpAddr>,
+    seat: Arc<Seat>,
 }
 
 impl Sessions {
@@ -115,6 +192,19 @@ impl Sessions {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Why a new agent websocket from `peer` would be refused right now, if it is certain
+    /// without pinging anyone: a session from another address holds the seat and proved
+    /// within the last two seconds that a live peer reads it.
+    pub fn seat_taken_for(&self, peer: Option<SocketAddr>) -> Option<String> {
+        let now = Instant::now();
+        let current = self.lock();
+        let c = current.as_ref()?;
+        let same_ip = c.ip.is_some() && c.ip == peer.map(|p| p.ip().to_canonical());
+        let healthy = now.saturating_duration_since(c.seat.heard()) < SEAT_SILENCE
+            && c.seat.recently_proven(now);
+        (!same_ip && healthy).then(|| SEAT_TAKEN.to_string())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
         // A poisoned lock only means a panic elsewhere; the Option inside is still coherent.
         self.current.lock().unwrap_or_else(|e| e.into_inner())
@@ -129,22 +219,97 @@ impl Sessions {
         }
     }
 
-    /// Makes `conn` the current session and tells the previous one to go.
-    fn promote(&self, conn: u64) -> oneshot::Receiver<()> {
-        let (kill, rx) = oneshot::channel();
-        self.accepted.fetch_add(1, Ordering::Relaxed);
-        let previous = self.lock().replace(Current { conn, kill });
-        if let Some(old) = previous {
-            info!(
-                old_conn = old.conn,
-                "new agent session replaces the previous one"
-            );
-            // The old session may have ended on its own meanwhile.
-            let _ = old.kill.send(());
+    fn incumbent(&self) -> Option<Incumbent> {
+        self.lock().as_ref().map(|c| Incumbent {
+            conn: c.conn,
+            ip: c.ip,
+            seat: Arc::clone(&c.seat),
+        })
+    }
+
+    /// Takes the seat for `conn` if the rules in the module docs allow, telling a replaced
+    /// session to go. Waits at most [`SEAT_PING_TIMEOUT`] (plus a retry if the seat changed
+    /// hands meanwhile), within the agent's 4 s handshake budget.
+    async fn claim(&self, conn: u64, ip: Option<IpAddr>) -> Claim {
+        for _ in 0..3 {
+            let incumbent = self.incumbent();
+            if let Some(inc) = &incumbent
+                && !(inc.ip.is_some() && inc.ip == ip)
+                && !self.incumbent_is_gone(inc).await
+            {
+                return Claim::Refused(SEAT_TAKEN.to_string());
+            }
+            // Install only if the seat is still as judged; else judge the new holder.
+            let mut current = self.lock();
+            if current.as_ref().map(|c| c.conn) != incumbent.as_ref().map(|i| i.conn) {
+                continue;
+            }
+            let (kill, kill_rx) = oneshot::channel();
+            let (ping, ping_rx) = mpsc::channel(1);
+            let seat = Arc::new(Seat {
+                heard: Mutex::new(Instant::now()),
+                ponged: watch::channel(None).0,
+                ping,
+            });
+            let previous = current.replace(Current {
+                conn,
+                ip,
+                kill,
+                seat: Arc::clone(&seat),
+            });
+            drop(current);
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+            if let Some(old) = previous {
+                info!(
+                    old_conn = old.conn,
+                    "new agent session replaces the previous one"
+                );
+                // The old session may have ended on its own meanwhile.
+                let _ = old.kill.send(());
+            }
+            return Claim::Won {
+                kill: kill_rx,
+                seat: SeatHandle {
+                    seat,
+                    ping: ping_rx,
+                },
+            };
         }
-        rx
+        Claim::Refused(SEAT_TAKEN.to_string())
+    }
+
+    /// Whether the incumbent is no longer an agent: silent too long, or no pong to a ping.
+    async fn incumbent_is_gone(&self, inc: &Incumbent) -> bool {
+        let now = Instant::now();
+        if now.saturating_duration_since(inc.seat.heard()) >= SEAT_SILENCE {
+            info!(
+                old_conn = inc.conn,
+                "current agent session has been silent too long; it may be replaced"
+            );
+            return true;
+        }
+        if inc.seat.recently_proven(now) {
+            return false;
+        }
+        let mut ponged = inc.seat.ponged.subscribe();
+        ponged.borrow_and_update();
+        // Full: a ping is already on its way; its pong counts for us too.
+        let _ = inc.seat.ping.try_send(());
+        let answered = tokio::time::timeout(SEAT_PING_TIMEOUT, ponged.changed())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !answered {
+            info!(
+                old_conn = inc.conn,
+                "current agent session did not answer a ping; it may be replaced"
+            );
+        }
+        !answered
     }
 }
+
+const SEAT_TAKEN: &str =
+    "another autoscaler-agent session is active and healthy; try again after it ends";
 
 /// Registration of one live connection; unregisters on drop.
 struct Entered {
@@ -170,27 +335,30 @@ pub struct SessionContext {
     pub sessions: Arc<Sessions>,
     pub config: SessionConfig,
     pub peer: Option<SocketAddr>,
+    /// Where refused claims are counted.
+    pub admission: Arc<crate::admission::Admission>,
 }
 
-/// Runs one upgraded websocket connection to its end.
-pub async fn run(socket: WebSocket, ctx: SessionContext) {
+/// Runs one upgraded websocket connection to its end. `slot` is its share of the handshake
+/// budget, given back once the handshake is over.
+pub async fn run(socket: WebSocket, ctx: SessionContext, slot: HandshakeSlot) {
     let entered = ctx.sessions.enter();
     let span = info_span!("agent_session", conn = entered.conn, peer = ?ctx.peer);
     async move {
-        run_inner(socket, &ctx, entered.conn).await;
+        run_inner(socket, &ctx, entered.conn, slot).await;
         drop(entered);
     }
     .instrument(span)
     .await
 }
 
-async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64) {
+async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64, slot: HandshakeSlot) {
     let cfg = &ctx.config;
     let mut shutdown = ctx.sessions.shutdown.subscribe();
     debug!("websocket connection accepted, waiting for protocol version range");
 
     let outcome = tokio::select! {
-        r = tokio::time::timeout(cfg.handshake_timeout, handshake(&mut socket, &ctx.sessions, conn)) => match r {
+        r = tokio::time::timeout(cfg.handshake_timeout, handshake(&mut socket, ctx, conn)) => match r {
             Ok(o) => o,
             Err(_) => HandshakeOutcome::Failed {
                 code: close_code::PROTOCOL,
@@ -204,10 +372,15 @@ async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64) {
             log: "shutting down during handshake".to_string(),
         },
     };
-    let kill = match outcome {
-        HandshakeOutcome::Accepted { version, kill } => {
+    drop(slot);
+    let (kill, seat) = match outcome {
+        HandshakeOutcome::Accepted {
+            version,
+            kill,
+            seat,
+        } => {
             info!(version, "agent connected (protocol handshake complete)");
-            kill
+            (kill, seat)
         }
         HandshakeOutcome::Failed { code, reason, log } => {
             info!(close_code = code, error = %clip(&log, PEER_TEXT_MAX), "handshake failed; closing connection");
@@ -221,7 +394,7 @@ async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64) {
     };
 
     let (sink, stream) = socket.split();
-    established(sink, stream, kill, shutdown, ctx).await;
+    established(sink, stream, kill, seat, shutdown, ctx).await;
 }
 
 const SHUTDOWN_REASON: &str = "vm-monitor is shutting down";
@@ -233,6 +406,7 @@ enum HandshakeOutcome {
     Accepted {
         version: u64,
         kill: oneshot::Receiver<()>,
+        seat: SeatHandle,
     },
     /// Close with this code/reason (any error reply was already sent).
     Failed {
@@ -244,7 +418,7 @@ enum HandshakeOutcome {
     Gone(String),
 }
 
-async fn handshake(socket: &mut WebSocket, sessions: &Sessions, conn: u64) -> HandshakeOutcome {
+async fn handshake(socket: &mut WebSocket, ctx: &SessionContext, conn: u64) -> HandshakeOutcome {
     loop {
         let text = match socket.recv().await {
             Some(Ok(Message::Text(t))) => t,
@@ -275,20 +449,56 @@ async fn handshake(socket: &mut WebSocket, sessions: &Sessions, conn: u64) -> Ha
             Some(Err(e)) => return HandshakeOutcome::Gone(format!("read error: {e}")),
             None => return HandshakeOutcome::Gone("peer disconnected".to_string()),
         };
+        if text.len() > HANDSHAKE_FRAME_MAX {
+            // Refused unparsed: a version range is ~20 bytes, and parsing what a stranger
+            // sends first is the cheapest work to make us do.
+            let reply = protocol::HandshakeReply::refused(format!(
+                "the protocol version range must be at most {HANDSHAKE_FRAME_MAX} bytes, got {}",
+                text.len()
+            ));
+            let _ = socket.send(Message::Text(reply.to_json().into())).await;
+            return HandshakeOutcome::Failed {
+                code: close_code::PROTOCOL,
+                reason: "expected protocol version range",
+                log: format!("oversized first frame ({} bytes)", text.len()),
+            };
+        }
         let reply = protocol::negotiate(text.as_str());
+        if !reply.is_accepted() {
+            let _ = socket.send(Message::Text(reply.to_json().into())).await;
+            return HandshakeOutcome::Failed {
+                code: close_code::PROTOCOL,
+                reason: "protocol version negotiation failed",
+                log: reply.error.unwrap_or_default(),
+            };
+        }
         // Take over before the agent can see the accept: otherwise a session delayed between
         // its reply and its takeover could replace a connection that handshook after it.
-        let kill = reply.is_accepted().then(|| sessions.promote(conn));
+        let (kill, seat) = match ctx
+            .sessions
+            .claim(conn, ctx.peer.map(|p| p.ip().to_canonical()))
+            .await
+        {
+            Claim::Won { kill, seat } => (kill, seat),
+            Claim::Refused(why) => {
+                ctx.admission.refused(crate::admission::Refusal::SeatTaken);
+                let reply = protocol::HandshakeReply::refused(why.clone());
+                let _ = socket.send(Message::Text(reply.to_json().into())).await;
+                return HandshakeOutcome::Failed {
+                    code: close_code::AGAIN,
+                    reason: "another agent session is active",
+                    log: why,
+                };
+            }
+        };
         if let Err(e) = socket.send(Message::Text(reply.to_json().into())).await {
             return HandshakeOutcome::Gone(format!("write error: {e}"));
         }
-        return match (reply.version, kill, reply.error) {
-            (Some(version), Some(kill), _) => HandshakeOutcome::Accepted { version, kill },
-            (_, _, error) => HandshakeOutcome::Failed {
-                code: close_code::PROTOCOL,
-                reason: "protocol version negotiation failed",
-                log: error.unwrap_or_default(),
-            },
+        let version = reply.version.unwrap_or(protocol::PROTOCOL_V1_0);
+        return HandshakeOutcome::Accepted {
+            version,
+            kill,
+            seat,
         };
     }
 }
@@ -331,6 +541,8 @@ const TOO_BIG_LINGER: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 enum Outgoing {
     Frame(MonitorMessage),
+    /// A liveness ping (see [`Sessions::claim`]).
+    Ping(u64),
     Close(u16, &'static str),
 }
 
@@ -352,9 +564,15 @@ async fn established(
     sink: SplitSink<WebSocket, Message>,
     mut stream: SplitStream<WebSocket>,
     mut kill: oneshot::Receiver<()>,
+    seat: SeatHandle,
     mut shutdown: watch::Receiver<bool>,
     ctx: &SessionContext,
 ) {
+    let SeatHandle {
+        seat,
+        ping: mut ping_asked,
+    } = seat;
+    let mut pings_sent: u64 = 0;
     let cfg = &ctx.config;
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
     let writer = tokio::spawn(writer(sink, out_rx).in_current_span());
@@ -383,7 +601,15 @@ async fn established(
     let end = loop {
         tokio::select! {
             _ = &mut kill => break End::Close(close_code::NORMAL, REPLACED_REASON),
-            _ = shutdown.wait_for(|s| *s) => break End::Close(close_code::AWAY, SHUTDOWN_REASON),
+            () = stopping(&mut shutdown) => break End::Close(close_code::AWAY, SHUTDOWN_REASON),
+            Some(()) = ping_asked.recv() => {
+                pings_sent += 1;
+                debug!(ping = pings_sent, "pinging the agent: another client claims the session");
+                if out_tx.try_send(Outgoing::Ping(pings_sent)).is_err() {
+                    // The queue is full: the peer is not reading, so it will not pong either.
+                    debug!("outgoing queue full; not pinging");
+                }
+            }
             changed = wanted.changed(), if wanted_open => {
                 if changed.is_err() {
                     // Backend gone: it can no longer ask for anything; keep serving.
@@ -404,7 +630,7 @@ async fn established(
                 info!(id = last_monitor_id, coalesced = upscale_coalesced, "requesting upscale from agent");
                 upscale_coalesced = 0;
                 let msg = MonitorMessage::new(last_monitor_id, MonitorBody::UpscaleRequest);
-                if !queue(&out_tx, msg) {
+                if !queue(&out_tx, msg).await {
                     break End::Gone;
                 }
                 ctx.sessions.upscale_requests_sent.fetch_add(1, Ordering::Relaxed);
@@ -427,15 +653,23 @@ async fn established(
                 };
                 match frame {
                     Message::Text(text) => {
-                        if !handle_text(text.as_str(), &out_tx, &scaling_tx) {
+                        seat.hear();
+                        if !handle_text(text.as_str(), &out_tx, &scaling_tx).await {
                             break End::Gone;
                         }
                     }
                     Message::Binary(b) => {
+                        seat.hear();
                         binary_frames += 1;
                         debug!(len = b.len(), total = binary_frames, "ignoring binary frame from agent");
                     }
-                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Pong(payload) => {
+                        // Only a pong to our latest ping proves the peer reads what we send.
+                        if pings_sent > 0 && payload.as_ref() == pings_sent.to_be_bytes() {
+                            seat.ponged.send_replace(Some(Instant::now()));
+                        }
+                    }
+                    Message::Ping(_) => {}
                     Message::Close(frame) => {
                         info!(close = %describe_close(&frame), "agent closed the connection");
                         break End::PeerClosed;
@@ -478,6 +712,12 @@ async fn established(
     info!(binary_frames_ignored = binary_frames, "agent session ended");
 }
 
+/// Resolves once shutdown begins. (A wrapper, so that no borrow of the watch value lives in a
+/// `select!` whose handlers await.)
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
 /// Reads until the stream ends (peer's close reply / EOF) or `timeout`.
 async fn drain(stream: &mut SplitStream<WebSocket>, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, async {
@@ -490,7 +730,7 @@ async fn drain(stream: &mut SplitStream<WebSocket>, timeout: Duration) {
 const INVALID_REPLY_MAX: usize = 1024;
 
 /// Handles one text frame. Returns false when the session must end.
-fn handle_text(
+async fn handle_text(
     text: &str,
     out: &mpsc::Sender<Outgoing>,
     scaling: &mpsc::Sender<(u64, ScalingRequest)>,
@@ -509,14 +749,15 @@ fn handle_text(
                         error: clip(&error, INVALID_REPLY_MAX).into_owned(),
                     },
                 ),
-            );
+            )
+            .await;
         }
     };
     let id = msg.id;
     let request = match msg.body {
         AgentBody::HealthCheck => {
             debug!(id, "health check");
-            return queue(out, MonitorMessage::new(id, MonitorBody::HealthCheck));
+            return queue(out, MonitorMessage::new(id, MonitorBody::HealthCheck)).await;
         }
         AgentBody::InvalidMessage { error } => {
             warn_limited!(id, error = %clip(&error, PEER_TEXT_MAX), "agent says a message of ours was invalid");
@@ -545,21 +786,23 @@ fn handle_text(
                     },
                 ),
             )
+            .await
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,
     }
 }
 
-/// Queues a frame for the writer without blocking the reader. A full queue means the peer
-/// stopped reading our replies; such a session is of no use, so it ends.
-fn queue(out: &mpsc::Sender<Outgoing>, msg: MonitorMessage) -> bool {
-    match out.try_send(Outgoing::Frame(msg)) {
+/// Queues a frame for the writer. A full queue holds back reading (a client pipelining
+/// requests is served at the pace it reads); a queue that stays full for [`WRITE_STALL`]
+/// means the peer stopped reading our replies, and such a session is of no use, so it ends.
+async fn queue(out: &mpsc::Sender<Outgoing>, msg: MonitorMessage) -> bool {
+    match out.send_timeout(Outgoing::Frame(msg), WRITE_STALL).await {
         Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            warn!("agent is not reading our replies; ending session");
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            warn_limited!("agent is not reading our replies; ending session");
             false
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
     }
 }
 
@@ -567,6 +810,7 @@ async fn writer(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<
     while let Some(out) = rx.recv().await {
         let (msg, last) = match out {
             Outgoing::Frame(m) => (Message::Text(m.to_json().into()), false),
+            Outgoing::Ping(n) => (Message::Ping(n.to_be_bytes().to_vec().into()), false),
             Outgoing::Close(code, reason) => (
                 Message::Close(Some(CloseFrame {
                     code,
@@ -575,9 +819,16 @@ async fn writer(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<
                 true,
             ),
         };
-        if let Err(e) = sink.send(msg).await {
-            debug!(error = %e, "websocket write failed");
-            return;
+        match tokio::time::timeout(WRITE_STALL, sink.send(msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "websocket write failed");
+                return;
+            }
+            Err(_) => {
+                warn_limited!("agent connection accepts no data; ending session");
+                return;
+            }
         }
         if last {
             return;
@@ -710,13 +961,18 @@ mod tests {
         };
         let listener = server::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = ServerState::with_config(backend, config);
+        let admission = crate::admission::Admission::new(
+            crate::admission::Limits::default(),
+            crate::admission::AgentAllow::default(),
+        );
+        let state = ServerState::with_config(backend, config, admission.clone());
         let sessions = state.sessions.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let served = tokio::spawn(server::serve_router(
             listener,
             server::router(state),
             sessions.clone(),
+            admission,
             async move {
                 let _ = rx.await;
             },
@@ -911,7 +1167,7 @@ mod tests {
         let srv = start(SessionConfig::default()).await;
         let ws = connect(srv.addr).await;
         let (mut tx, mut rx) = ws.split();
-        let big = "x".repeat((1 << 20) + 1);
+        let big = "x".repeat(MAX_MESSAGE + 1);
         // Send and read concurrently: the server closes while we are still writing.
         let sender = tokio::spawn(async move {
             let _ = tx.send(WsMessage::text(big)).await;

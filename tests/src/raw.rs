@@ -12,6 +12,28 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// The agent's reply timeout; used as the bound for "the monitor answers".
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A TCP connection to `url`'s host:port from the local address `from`.
+pub async fn connect_tcp_from(url: &str, from: std::net::IpAddr) -> anyhow::Result<TcpStream> {
+    let hostport = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .with_context(|| format!("not a ws:// URL: {url}"))?;
+    let addr: std::net::SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("not IP:PORT in {url}"))?;
+    let socket = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket
+        .bind((from, 0).into())
+        .with_context(|| format!("binding {from}"))?;
+    socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr} from {from}"))
+}
+
 pub struct RawClient {
     pub ws: Ws,
 }
@@ -24,6 +46,21 @@ impl RawClient {
             .context("websocket upgrade timed out")?
             .with_context(|| format!("connecting to {url}"))?;
         Ok(RawClient { ws })
+    }
+
+    /// Upgrades from the local address `from` (e.g. 127.0.0.2: another peer on loopback);
+    /// sends nothing.
+    pub async fn connect_from(url: &str, from: std::net::IpAddr) -> anyhow::Result<RawClient> {
+        let fut = async {
+            let tcp = connect_tcp_from(url, from).await?;
+            let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+                .await
+                .with_context(|| format!("upgrading {url} from {from}"))?;
+            anyhow::Ok(RawClient { ws })
+        };
+        tokio::time::timeout(AGENT_TIMEOUT, fut)
+            .await
+            .context("websocket upgrade timed out")?
     }
 
     /// Upgrades and completes the v1.0 handshake (asserting the reply is `{"version":1}`).

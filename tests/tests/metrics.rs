@@ -245,8 +245,15 @@ async fn metrics_addr_and_json_logs() {
     assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
     let ws = get(maddr, "/monitor", None).await.expect("GET /monitor");
     assert_eq!(ws.status, 404, "the agent is served on --addr only");
-    // Still served on the agent's listener too.
-    scrape(d.addr).await;
+    // No longer on the agent's listener: a network peer reads neither.
+    for path in ["/metrics", "/debug/decisions"] {
+        let r = get(d.addr, path, None).await.expect(path);
+        assert_eq!(r.status, 404, "{path} on --addr with --metrics-addr");
+    }
+    let health = get(d.addr, "/healthz", None)
+        .await
+        .expect("GET /healthz on --addr");
+    assert_eq!(health.status, 200);
 
     let logs = d.logs();
     let status = d.terminate().await.expect("terminates");

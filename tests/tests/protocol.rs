@@ -272,10 +272,10 @@ async fn binary_frames_are_ignored() {
 #[tokio::test]
 async fn oversized_frame_closes_session_with_1009_and_daemon_keeps_serving() {
     let mut d = daemon().await;
-    // Exactly 1 MiB is still accepted (a health check padded with JSON whitespace).
+    // Exactly 64 KiB is still accepted (a health check padded with JSON whitespace).
     let mut c = RawClient::handshake(&d.ws_url()).await.unwrap();
     let mut at_limit = r#"{"content":{},"type":"HealthCheck","id":2}"#.to_string();
-    at_limit.push_str(&" ".repeat((1 << 20) - at_limit.len()));
+    at_limit.push_str(&" ".repeat((64 << 10) - at_limit.len()));
     c.send_text(&at_limit).await.unwrap();
     assert_eq!(
         c.recv_text(AGENT_TIMEOUT).await.unwrap(),

@@ -47,7 +47,8 @@ use tests::scenario::{
 };
 
 /// Default tiers; `BENCH_TIERS` (comma-separated) overrides. `ebpf-c0` is the ebpf tier with
-/// in-kernel coalescing off (`--coalesce-ms 0`), to see what the 10 ms default costs.
+/// in-kernel coalescing off (`--coalesce-ms 0`), to see what the 10 ms default costs;
+/// `ebpf-nagle` the ebpf tier without TCP_NODELAY.
 const TIERS: &str = "ebpf,psi,poll";
 /// Every part, in the order they run.
 const PARTS: &str = "latency,idle,overhead,storm,managed";
@@ -244,6 +245,8 @@ fn start_with(
         Some((signal, "c0")) => (signal, vec!["--coalesce-ms".to_string(), "0".to_string()]),
         // The memory.high guard, for comparison with the daemon as shipped (guard off).
         Some((signal, "guard")) => (signal, vec!["--memory-high-guard".to_string()]),
+        // Nagle left on, to show what TCP_NODELAY does to the latency.
+        Some((signal, "nagle")) => (signal, vec!["--no-tcp-nodelay".to_string()]),
         Some(_) => anyhow::bail!("unknown tier variant {tier}"),
         None => (tier, Vec::new()),
     };

@@ -399,6 +399,14 @@ fn targets(r: &mut String, runs: &[KernelData]) {
                 _ => "missing samples".into(),
             },
         ));
+        if let (Some(on), Some(off)) = (e, d.stats("ebpf-nagle")) {
+            // Not a target, a before/after: `ebpf-nagle` is the daemon with Nagle left on.
+            let _ = writeln!(
+                r,
+                "- {k}: TCP_NODELAY — ebpf p50 / p90 / max {:.1} / {:.1} / {:.1} ms with it (as shipped), {:.1} / {:.1} / {:.1} ms without (`ebpf-nagle`, n = {} / {})",
+                on.p50, on.p90, on.max, off.p50, off.p90, off.max, on.n, off.n
+            );
+        }
         for tier in d.tiers() {
             let Some(rates) = d.hold_rates(&tier) else {
                 continue;
