@@ -7,6 +7,12 @@
 //! 3. reclaim stalls: one point per `*_reclaim_end`, memcg and guest-wide direct reclaim.
 //!
 //! The x axis is seconds since the recording started (boot clock).
+//!
+//! Memory is bounded by fixed caps, not by the recording: records stream through (see
+//! [`plot_file`]); each series, stall panel and marker kind keeps at most
+//! [`MAX_SERIES_POINTS`] points: past that, consecutive points are folded into groups that
+//! keep their first, lowest, highest and last point, so every spike and dip still shows; the
+//! density panel keeps at most [`MAX_DENSITY_BINS`] time bins, widening them as needed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,17 +21,23 @@ use anyhow::{Context as _, anyhow};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::record::{Change, MarkerKind, Recording, Timeline};
+use crate::record::{
+    Change, Header, MarkerKind, ReadSummary, Record, Recording, RecordingReader, Series,
+    TimeOrdered, TimelineBuilder, TimelineItem,
+};
 
 /// Picture size in pixels.
 pub const WIDTH: u32 = 1400;
 pub const HEIGHT: u32 = 1000;
 /// Time buckets in the event-density panel.
 const BUCKETS: u64 = 120;
-/// Beyond this many stall points, only the longest stall per pixel column is drawn (keeps the
-/// SVG small for long storms; the shape that matters, the worst stalls, stays).
-const MAX_POINTS: usize = 5000;
-const COLUMNS: f64 = 1200.0;
+/// Points kept per series (each memory series, each stall kind, each marker kind): about four
+/// per pixel column of a chart. Up to half of it, every point is kept.
+pub const MAX_SERIES_POINTS: usize = 4096;
+/// Groups a folded series keeps (each keeps at most four points).
+const MAX_GROUPS: usize = MAX_SERIES_POINTS / 4;
+/// Distinct time bins the event-density panel counts in before it widens them.
+pub const MAX_DENSITY_BINS: usize = 4096;
 
 // Series names, also the legend texts (tests look for them).
 pub const SERIES_NON_RECLAIMABLE: &str = "non-reclaimable (anon)";
@@ -53,26 +65,359 @@ fn perr<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing the plot: {e}")
 }
 
-/// Renders `rec` as SVG text.
-pub fn render_svg(rec: &Recording) -> anyhow::Result<String> {
-    let t = rec.timeline();
+/// A series of points `(ts_ns, value)` kept within [`MAX_SERIES_POINTS`] whatever its length:
+/// points fall into groups of consecutive points, and a group keeps its first, lowest,
+/// highest and last point; when there are too many groups, neighbours merge and groups
+/// double in size. A line through what is kept has the same envelope as through everything.
+#[derive(Clone, Debug)]
+struct Folded<T> {
+    groups: Vec<Group<T>>,
+    group_size: u64,
+    total: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Group<T> {
+    first: (u64, T),
+    low: (u64, T),
+    high: (u64, T),
+    last: (u64, T),
+    n: u64,
+}
+
+impl<T: Copy + Ord> Group<T> {
+    fn merge(self, b: Group<T>) -> Group<T> {
+        Group {
+            first: self.first,
+            low: if b.low.1 < self.low.1 {
+                b.low
+            } else {
+                self.low
+            },
+            high: if b.high.1 > self.high.1 {
+                b.high
+            } else {
+                self.high
+            },
+            last: b.last,
+            n: self.n + b.n,
+        }
+    }
+}
+
+impl<T: Copy + Ord> Default for Folded<T> {
+    fn default() -> Self {
+        Folded {
+            groups: Vec::new(),
+            group_size: 1,
+            total: 0,
+        }
+    }
+}
+
+impl<T: Copy + Ord> Folded<T> {
+    fn push(&mut self, ts_ns: u64, value: T) {
+        self.total += 1;
+        let p = (ts_ns, value);
+        match self.groups.last_mut() {
+            Some(g) if g.n < self.group_size => {
+                if value < g.low.1 {
+                    g.low = p;
+                }
+                if value > g.high.1 {
+                    g.high = p;
+                }
+                g.last = p;
+                g.n += 1;
+            }
+            _ => {
+                self.groups.push(Group {
+                    first: p,
+                    low: p,
+                    high: p,
+                    last: p,
+                    n: 1,
+                });
+                if self.groups.len() > MAX_GROUPS {
+                    let groups = std::mem::take(&mut self.groups);
+                    let mut it = groups.into_iter();
+                    while let Some(a) = it.next() {
+                        self.groups.push(match it.next() {
+                            Some(b) => a.merge(b),
+                            None => a,
+                        });
+                    }
+                    self.group_size = self.group_size.saturating_mul(2);
+                }
+            }
+        }
+    }
+
+    /// What is kept, in time order.
+    fn points(&self) -> Vec<(u64, T)> {
+        let mut out = Vec::with_capacity(self.groups.len() * 4);
+        for g in &self.groups {
+            let mut pts = [g.first, g.low, g.high, g.last];
+            pts.sort_by_key(|p| p.0);
+            for p in pts {
+                if out.last() != Some(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether points were dropped (groups of two keep both).
+    fn thinned(&self) -> bool {
+        self.group_size > 2
+    }
+
+    fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    fn max(&self) -> Option<T> {
+        self.groups.iter().map(|g| g.high.1).max()
+    }
+
+    fn changes(&self) -> Vec<Change<T>> {
+        self.points()
+            .into_iter()
+            .map(|(ts_ns, value)| Change { ts_ns, value })
+            .collect()
+    }
+}
+
+/// Event groups of the density panel, in legend order.
+const GROUPS: [&str; 9] = [
+    "OOM victim",
+    "PSI trigger",
+    "direct reclaim",
+    "kswapd wake",
+    "memcg events",
+    "memcg reclaim",
+    "memory.events",
+    "other",
+    "poll sample",
+];
+
+/// Index of "other" in [`GROUPS`].
+const OTHER: usize = 7;
+
+/// Events per time bin and group, in at most [`MAX_DENSITY_BINS`] bins: bins start 1 ns wide
+/// (exact) and double in width (neighbours merging) while there are too many.
+#[derive(Clone, Debug)]
+struct Density {
+    width: u64,
+    bins: BTreeMap<u64, [u64; GROUPS.len()]>,
+    seen: [bool; GROUPS.len()],
+    totals: [u64; GROUPS.len()],
+}
+
+impl Default for Density {
+    fn default() -> Self {
+        Density {
+            width: 1,
+            bins: BTreeMap::new(),
+            seen: [false; GROUPS.len()],
+            totals: [0; GROUPS.len()],
+        }
+    }
+}
+
+impl Density {
+    fn push(&mut self, ts_ns: u64, group: usize, events: u64) {
+        let (Some(seen), Some(total)) = (self.seen.get_mut(group), self.totals.get_mut(group))
+        else {
+            return;
+        };
+        *seen = true;
+        *total += events;
+        let bin = self.bins.entry(ts_ns / self.width).or_default();
+        bin[group] += events;
+        while self.bins.len() > MAX_DENSITY_BINS {
+            let Some(width) = self.width.checked_mul(2) else {
+                break;
+            };
+            let mut wider: BTreeMap<u64, [u64; GROUPS.len()]> = BTreeMap::new();
+            for (k, counts) in std::mem::take(&mut self.bins) {
+                let bin = wider.entry(k / 2).or_default();
+                for (a, b) in bin.iter_mut().zip(counts) {
+                    *a += b;
+                }
+            }
+            self.bins = wider;
+            self.width = width;
+        }
+    }
+}
+
+/// Everything a plot draws, gathered from records fed in time order, within fixed caps.
+#[derive(Clone, Debug)]
+pub struct PlotData {
+    describe: String,
+    start_boot_ns: u64,
+    builder: TimelineBuilder,
+    items: Vec<TimelineItem>,
+    series: [Folded<u64>; 5],
+    memory_high: Folded<Option<u64>>,
+    requests: Folded<()>,
+    grants: Folded<()>,
+    approved: Folded<()>,
+    denied: Folded<()>,
+    ooms: Folded<()>,
+    memcg_stalls: Folded<u64>,
+    direct_stalls: Folded<u64>,
+    density: Density,
+    events: u64,
+}
+
+/// What a plot kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlotStats {
+    /// Some series had more than half of [`MAX_SERIES_POINTS`] points and were thinned.
+    pub thinned: bool,
+}
+
+fn series_index(s: Series) -> usize {
+    s as usize
+}
+
+impl PlotData {
+    pub fn new(header: &Header) -> PlotData {
+        PlotData {
+            describe: header.describe(),
+            start_boot_ns: header.start_boot_ns,
+            builder: TimelineBuilder::default(),
+            items: Vec::new(),
+            series: Default::default(),
+            memory_high: Folded::default(),
+            requests: Folded::default(),
+            grants: Folded::default(),
+            approved: Folded::default(),
+            denied: Folded::default(),
+            ooms: Folded::default(),
+            memcg_stalls: Folded::default(),
+            direct_stalls: Folded::default(),
+            density: Density::default(),
+            events: 0,
+        }
+    }
+
+    /// One record; feed them in time order.
+    pub fn add(&mut self, r: &Record) {
+        if let Record::Event(e) = r {
+            let name = e.kind.name();
+            let g = GROUPS
+                .iter()
+                .position(|n| *n == group(&name))
+                .unwrap_or(OTHER);
+            self.density.push(e.ts_ns, g, u64::from(e.events));
+            self.events += u64::from(e.events);
+        }
+        let mut items = std::mem::take(&mut self.items);
+        self.builder.feed(r, &mut items);
+        for item in items.drain(..) {
+            match item {
+                TimelineItem::Change(s, c) => self.series[series_index(s)].push(c.ts_ns, c.value),
+                TimelineItem::MemoryHigh(c) => self.memory_high.push(c.ts_ns, c.value),
+                TimelineItem::Stall(s) => {
+                    let kept = if s.memcg {
+                        &mut self.memcg_stalls
+                    } else {
+                        &mut self.direct_stalls
+                    };
+                    kept.push(s.end_ns, s.stall_ns);
+                }
+                TimelineItem::Marker(m) => {
+                    let kept = match m.what {
+                        MarkerKind::UpscaleRequest => &mut self.requests,
+                        MarkerKind::UpscaleGranted { .. } => &mut self.grants,
+                        MarkerKind::DownscaleResult { ok: true } => &mut self.approved,
+                        MarkerKind::DownscaleResult { ok: false } => &mut self.denied,
+                        MarkerKind::OomKill { .. } => &mut self.ooms,
+                        _ => continue,
+                    };
+                    kept.push(m.ts_ns, ());
+                }
+            }
+        }
+        self.items = items;
+    }
+
+    /// Earliest and latest time in the recording, ns.
+    fn span(&self) -> (u64, u64) {
+        self.builder.span(self.start_boot_ns)
+    }
+
+    fn end_ns(&self) -> u64 {
+        self.span().1
+    }
+
+    pub fn stats(&self) -> PlotStats {
+        let thinned = self.series.iter().any(Folded::thinned)
+            || self.memory_high.thinned()
+            || [
+                &self.requests,
+                &self.grants,
+                &self.approved,
+                &self.denied,
+                &self.ooms,
+            ]
+            .iter()
+            .any(|f| f.thinned())
+            || self.memcg_stalls.thinned()
+            || self.direct_stalls.thinned();
+        PlotStats { thinned }
+    }
+
+    fn series(&self, s: Series) -> &Folded<u64> {
+        &self.series[series_index(s)]
+    }
+}
+
+/// Renders what `data` gathered as SVG text.
+pub fn render(data: &PlotData) -> anyhow::Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        draw(&root, rec, &t)?;
+        draw(&root, data)?;
         root.present().map_err(perr)?;
     }
     Ok(svg)
 }
 
-/// Writes the SVG for `rec` to `out`.
+/// Renders a loaded recording as SVG text.
+pub fn render_svg(rec: &Recording) -> anyhow::Result<String> {
+    let mut data = PlotData::new(&rec.header);
+    for r in rec.time_ordered() {
+        data.add(r);
+    }
+    render(&data)
+}
+
+/// Writes the SVG for a loaded recording to `out`.
 pub fn write_svg(rec: &Recording, out: &Path) -> anyhow::Result<()> {
     let svg = render_svg(rec)?;
     std::fs::write(out, svg).with_context(|| format!("writing {}", out.display()))
 }
 
-fn secs(t: &Timeline, ns: u64) -> f64 {
-    ns.saturating_sub(t.start_ns) as f64 / 1e9
+/// `trace plot`: reads the recording at `input` (a file or a `--record-dir` directory) record
+/// by record and writes its SVG to `output`, in memory bounded by the caps above.
+pub fn plot_file(input: &Path, output: &Path) -> anyhow::Result<(PlotStats, ReadSummary)> {
+    let mut reader = RecordingReader::open(input)?;
+    let mut data = PlotData::new(reader.header());
+    for r in TimeOrdered::new(&mut reader) {
+        data.add(&r);
+    }
+    let svg = render(&data)?;
+    std::fs::write(output, svg).with_context(|| format!("writing {}", output.display()))?;
+    Ok((data.stats(), reader.into_summary()))
+}
+
+fn secs(t: &PlotData, ns: u64) -> f64 {
+    ns.saturating_sub(t.span().0) as f64 / 1e9
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -80,7 +425,7 @@ fn mib(bytes: u64) -> f64 {
 }
 
 /// Step-line points for a change series, held to `end`.
-fn steps(t: &Timeline, series: &[Change<u64>]) -> Vec<(f64, f64)> {
+fn steps(t: &PlotData, series: &[Change<u64>]) -> Vec<(f64, f64)> {
     let mut pts = Vec::with_capacity(series.len() * 2 + 1);
     for (i, c) in series.iter().enumerate() {
         let x = secs(t, c.ts_ns);
@@ -93,16 +438,16 @@ fn steps(t: &Timeline, series: &[Change<u64>]) -> Vec<(f64, f64)> {
         pts.push((x, y));
     }
     if let Some(&(_, y)) = pts.last() {
-        pts.push((secs(t, t.end_ns), y));
+        pts.push((secs(t, t.end_ns()), y));
     }
     pts
 }
 
 /// memory.high as step-line runs; `max` periods leave gaps.
-fn high_runs(t: &Timeline) -> Vec<Vec<(f64, f64)>> {
+fn high_runs(t: &PlotData) -> Vec<Vec<(f64, f64)>> {
     let mut runs: Vec<Vec<(f64, f64)>> = Vec::new();
     let mut current: Option<Vec<(f64, f64)>> = None;
-    for c in &t.memory_high {
+    for c in t.memory_high.changes() {
         let x = secs(t, c.ts_ns);
         if let Some(run) = current.as_mut()
             && let Some(&(_, prev)) = run.last()
@@ -116,58 +461,30 @@ fn high_runs(t: &Timeline) -> Vec<Vec<(f64, f64)>> {
     }
     if let Some(mut run) = current {
         if let Some(&(_, y)) = run.last() {
-            run.push((secs(t, t.end_ns), y));
+            run.push((secs(t, t.end_ns()), y));
         }
         runs.push(run);
     }
     runs
 }
 
-/// At most one point (the highest) per pixel column once there are too many.
-fn decimate(points: Vec<(f64, f64)>, x_max: f64) -> Vec<(f64, f64)> {
-    if points.len() <= MAX_POINTS {
-        return points;
-    }
-    let mut best: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    for (x, y) in points {
-        let col = (x / x_max * COLUMNS).max(0.0) as u64;
-        let slot = best.entry(col).or_insert((x, y));
-        if y > slot.1 {
-            *slot = (x, y);
-        }
-    }
-    best.into_values().collect()
-}
-
-fn title(rec: &Recording, t: &Timeline) -> String {
-    let requests = t
-        .markers
-        .iter()
-        .filter(|m| m.what == MarkerKind::UpscaleRequest)
-        .count();
-    let events: u64 = t.events.iter().map(|e| u64::from(e.2)).sum();
+fn title(t: &PlotData) -> String {
     format!(
         "vm-monitor recording: {} | {:.1} s, {} events, {} UpscaleRequests",
-        rec.header.describe(),
-        secs(t, t.end_ns),
-        events,
-        requests
+        t.describe,
+        secs(t, t.end_ns()),
+        t.events,
+        t.requests.total
     )
 }
 
-fn draw(
-    root: &DrawingArea<SVGBackend<'_>, Shift>,
-    rec: &Recording,
-    t: &Timeline,
-) -> anyhow::Result<()> {
+fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, t: &PlotData) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(perr)?;
-    let root = root
-        .titled(&title(rec, t), ("sans-serif", 18))
-        .map_err(perr)?;
+    let root = root.titled(&title(t), ("sans-serif", 18)).map_err(perr)?;
     let (w, h) = root.dim_in_pixel();
     let (top, rest) = root.split_vertically(h * 52 / 100);
     let (middle, bottom) = rest.split_vertically(h * 24 / 100);
-    let x_max = secs(t, t.end_ns).max(1e-3);
+    let x_max = secs(t, t.end_ns()).max(1e-3);
     // Legends get their own column so they never hide data.
     let chart_w = w.saturating_sub(LEGEND_WIDTH);
     let (chart, side) = top.split_horizontally(chart_w);
@@ -241,21 +558,15 @@ fn draw_legend(area: &DrawingArea<SVGBackend<'_>, Shift>, entries: &Legend) -> a
 
 fn draw_memory(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
-    t: &Timeline,
+    t: &PlotData,
     x_max: f64,
 ) -> anyhow::Result<Legend> {
     let mut legend = Legend::new();
-    let all = [
-        &t.non_reclaimable,
-        &t.current,
-        &t.threshold,
-        &t.usable,
-        &t.file_cache,
-    ];
-    let y_top = all
+    let y_top = t
+        .series
         .iter()
-        .flat_map(|s| s.iter().map(|c| mib(c.value)))
-        .chain(t.memory_high.iter().filter_map(|c| c.value.map(mib)))
+        .filter_map(|s| s.max().map(mib))
+        .chain(t.memory_high.max().flatten().map(mib))
         .fold(1.0f64, f64::max);
     // Room above the data for the marker row.
     let marker_y = y_top * 1.08;
@@ -275,20 +586,24 @@ fn draw_memory(
         .draw()
         .map_err(perr)?;
 
-    let mut line = |series: &[Change<u64>], name: &str, color: RGBColor, width: u32| {
+    let mut line = |series: Series, name: &str, color: RGBColor, width: u32| {
+        let series = t.series(series);
         if series.is_empty() {
             return Ok::<(), anyhow::Error>(());
         }
         chart
-            .draw_series(LineSeries::new(steps(t, series), color.stroke_width(width)))
+            .draw_series(LineSeries::new(
+                steps(t, &series.changes()),
+                color.stroke_width(width),
+            ))
             .map_err(perr)?;
         legend.push((name.to_string(), Glyph::Line(color, width)));
         Ok(())
     };
-    line(&t.usable, SERIES_USABLE, GRAY, 1)?;
-    line(&t.file_cache, SERIES_FILE_CACHE, DARK_GREEN, 2)?;
-    line(&t.current, SERIES_CURRENT, LIGHT_BLUE, 1)?;
-    line(&t.non_reclaimable, SERIES_NON_RECLAIMABLE, BLUE, 2)?;
+    line(Series::Usable, SERIES_USABLE, GRAY, 1)?;
+    line(Series::FileCache, SERIES_FILE_CACHE, DARK_GREEN, 2)?;
+    line(Series::Current, SERIES_CURRENT, LIGHT_BLUE, 1)?;
+    line(Series::NonReclaimable, SERIES_NON_RECLAIMABLE, BLUE, 2)?;
     let runs = high_runs(t);
     if !runs.is_empty() {
         legend.push((
@@ -302,10 +617,11 @@ fn draw_memory(
             .map_err(perr)?;
     }
     // The threshold goes on top: memory.high is kept at it, and both must stay visible.
-    if !t.threshold.is_empty() {
+    let threshold = t.series(Series::Threshold);
+    if !threshold.is_empty() {
         chart
             .draw_series(DashedLineSeries::new(
-                steps(t, &t.threshold),
+                steps(t, &threshold.changes()),
                 8,
                 5,
                 RED.stroke_width(2),
@@ -315,18 +631,17 @@ fn draw_memory(
     }
 
     // Markers in a row above the data.
-    let at = |pred: &dyn Fn(&MarkerKind) -> bool| -> Vec<(f64, f64)> {
-        t.markers
+    let at = |kept: &Folded<()>| -> Vec<(f64, f64)> {
+        kept.points()
             .iter()
-            .filter(|m| pred(&m.what))
-            .map(|m| (secs(t, m.ts_ns), marker_y))
+            .map(|&(ts, ())| (secs(t, ts), marker_y))
             .collect()
     };
-    let requests = at(&|k| *k == MarkerKind::UpscaleRequest);
-    let grants = at(&|k| matches!(k, MarkerKind::UpscaleGranted { .. }));
-    let approved = at(&|k| *k == MarkerKind::DownscaleResult { ok: true });
-    let denied = at(&|k| *k == MarkerKind::DownscaleResult { ok: false });
-    let ooms = at(&|k| matches!(k, MarkerKind::OomKill { .. }));
+    let requests = at(&t.requests);
+    let grants = at(&t.grants);
+    let approved = at(&t.approved);
+    let denied = at(&t.denied);
+    let ooms = at(&t.ooms);
     if !ooms.is_empty() {
         chart
             .draw_series(
@@ -373,7 +688,7 @@ fn draw_memory(
             .map_err(perr)?;
         legend.push((SERIES_DOWNSCALE_DENIED.to_string(), Glyph::Cross(GRAY)));
     }
-    if t.non_reclaimable.is_empty() && t.threshold.is_empty() {
+    if t.series(Series::NonReclaimable).is_empty() && threshold.is_empty() {
         area.draw(&Text::new(
             "no memory readings in this recording (record with --cgroup)",
             (90, 60),
@@ -415,23 +730,31 @@ fn group_color(name: &str) -> RGBColor {
 
 fn draw_density(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
-    t: &Timeline,
+    t: &PlotData,
     x_max: f64,
 ) -> anyhow::Result<Legend> {
     let mut legend = Legend::new();
-    let span = t.end_ns.saturating_sub(t.start_ns).max(1);
+    let (start_ns, end_ns) = t.span();
+    let span = end_ns.saturating_sub(start_ns).max(1);
     let bucket_ns = span.div_ceil(BUCKETS).max(1_000_000);
     let buckets = usize::try_from(span / bucket_ns + 1).unwrap_or(1);
-    let mut counts: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
-    for (ts, kind, n) in &t.events {
-        let Ok(i) = usize::try_from(ts.saturating_sub(t.start_ns) / bucket_ns) else {
+    let density = &t.density;
+    let mut counts: BTreeMap<&'static str, Vec<u64>> = GROUPS
+        .iter()
+        .zip(density.seen)
+        .filter(|(_, seen)| *seen)
+        .map(|(name, _)| (*name, vec![0; buckets]))
+        .collect();
+    // A bin is counted where it starts; bins are far narrower than buckets.
+    for (bin, per_group) in &density.bins {
+        let ts = bin.saturating_mul(density.width);
+        let Ok(i) = usize::try_from(ts.saturating_sub(start_ns) / bucket_ns) else {
             continue;
         };
-        let v = counts
-            .entry(group(kind))
-            .or_insert_with(|| vec![0; buckets]);
-        if let Some(slot) = v.get_mut(i) {
-            *slot += u64::from(*n);
+        for (name, n) in GROUPS.iter().zip(per_group) {
+            if let Some(slot) = counts.get_mut(name).and_then(|v| v.get_mut(i)) {
+                *slot += n;
+            }
         }
     }
     let y_max = counts
@@ -485,15 +808,14 @@ fn draw_density(
 
 fn draw_stalls(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
-    t: &Timeline,
+    t: &PlotData,
     x_max: f64,
 ) -> anyhow::Result<Legend> {
     let mut legend = Legend::new();
     let ms = |ns: u64| ns as f64 / 1e6;
-    let y_max = t
-        .stalls
+    let y_max = [&t.memcg_stalls, &t.direct_stalls]
         .iter()
-        .map(|s| ms(s.stall_ns))
+        .filter_map(|s| s.max().map(ms))
         .fold(0.1f64, f64::max)
         * 1.15;
     let mut chart = ChartBuilder::on(area)
@@ -510,20 +832,17 @@ fn draw_stalls(
         .y_desc("stall ms")
         .draw()
         .map_err(perr)?;
-    let points = |memcg: bool| -> Vec<(f64, f64)> {
-        let all: Vec<(f64, f64)> = t
-            .stalls
-            .iter()
-            .filter(|s| s.memcg == memcg)
-            .map(|s| (secs(t, s.end_ns), ms(s.stall_ns)))
-            .collect();
-        decimate(all, x_max)
+    let points = |kept: &Folded<u64>| -> Vec<(f64, f64)> {
+        kept.points()
+            .into_iter()
+            .map(|(end, stall)| (secs(t, end), ms(stall)))
+            .collect()
     };
     let ooms: Vec<f64> = t
-        .markers
-        .iter()
-        .filter(|m| matches!(m.what, MarkerKind::OomKill { .. }))
-        .map(|m| secs(t, m.ts_ns))
+        .ooms
+        .points()
+        .into_iter()
+        .map(|(ts, ())| secs(t, ts))
         .collect();
     if !ooms.is_empty() {
         chart
@@ -534,15 +853,15 @@ fn draw_stalls(
             .map_err(perr)?;
         legend.push((SERIES_OOM.to_string(), Glyph::VLine(BLACK)));
     }
-    let memcg = points(true);
+    let memcg = points(&t.memcg_stalls);
     if !memcg.is_empty() {
         chart
             .draw_series(memcg.iter().map(|&p| Circle::new(p, 3, PURPLE.filled())))
             .map_err(perr)?;
-        let n = t.stalls.iter().filter(|s| s.memcg).count();
+        let n = t.memcg_stalls.total;
         legend.push((format!("{SERIES_MEMCG_STALL} ({n})"), Glyph::Dot(PURPLE, 3)));
     }
-    let direct = points(false);
+    let direct = points(&t.direct_stalls);
     if !direct.is_empty() {
         chart
             .draw_series(
@@ -551,10 +870,10 @@ fn draw_stalls(
                     .map(|&p| Cross::new(p, 4, BROWN.stroke_width(2))),
             )
             .map_err(perr)?;
-        let n = t.stalls.iter().filter(|s| !s.memcg).count();
+        let n = t.direct_stalls.total;
         legend.push((format!("{SERIES_DIRECT_STALL} ({n})"), Glyph::Cross(BROWN)));
     }
-    if t.stalls.is_empty() {
+    if t.memcg_stalls.is_empty() && t.direct_stalls.is_empty() {
         area.draw(&Text::new(
             "no reclaim stalls in this recording",
             (90, 40),
@@ -570,17 +889,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decimation_keeps_the_worst_stall_per_column() {
-        let few = vec![(0.5, 1.0), (0.5, 2.0)];
-        assert_eq!(decimate(few.clone(), 1.0), few);
-        let many: Vec<(f64, f64)> = (0..50_000)
-            .map(|i| (f64::from(i) / 50_000.0, f64::from(i % 40)))
-            .collect();
-        let kept = decimate(many, 1.0);
-        assert!(kept.len() <= COLUMNS as usize + 1, "{}", kept.len());
-        assert!(
-            kept.iter().all(|p| p.1 == 39.0),
-            "each column keeps its maximum"
-        );
+    fn short_series_are_kept_whole() {
+        let mut f = Folded::default();
+        for i in 0..(2 * MAX_GROUPS as u64) {
+            f.push(i, i % 7);
+        }
+        assert!(!f.thinned());
+        assert_eq!(f.points().len(), 2 * MAX_GROUPS);
+    }
+
+    #[test]
+    fn long_series_keep_their_envelope_within_the_cap() {
+        let mut f = Folded::default();
+        let n = 1_000_000u64;
+        for i in 0..n {
+            // A slow wave with one spike and one dip.
+            let v = match i {
+                500_000 => 10_000,
+                700_001 => 0,
+                _ => 100 + (i / 1000) % 50,
+            };
+            f.push(i, v);
+        }
+        let kept = f.points();
+        assert!(f.thinned());
+        assert_eq!(f.total, n);
+        assert!(kept.len() <= MAX_SERIES_POINTS, "{}", kept.len());
+        assert!(kept.windows(2).all(|w| w[0].0 < w[1].0), "in time order");
+        assert!(kept.contains(&(500_000, 10_000)), "the spike survives");
+        assert!(kept.contains(&(700_001, 0)), "the dip survives");
+        assert_eq!(kept.first(), Some(&(0, 100)));
+        assert_eq!(kept.last().map(|p| p.0), Some(n - 1));
+        assert_eq!(f.max(), Some(10_000));
+    }
+
+    #[test]
+    fn density_bins_stay_bounded_and_count_everything() {
+        let mut d = Density::default();
+        for i in 0..200_000u64 {
+            d.push(i * 1_000_003, (i % 3) as usize, 2);
+        }
+        d.push(5, GROUPS.len(), 1);
+        assert_eq!(GROUPS[OTHER], "other");
+        assert!(d.bins.len() <= MAX_DENSITY_BINS);
+        let counted: u64 = d.bins.values().flat_map(|b| b.iter()).sum();
+        assert_eq!(counted, 400_000);
+        assert_eq!(d.totals.iter().sum::<u64>(), 400_000);
     }
 }

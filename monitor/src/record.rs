@@ -12,17 +12,23 @@
 //! frame = u32 LE payload length | u32 LE CRC-32 (IEEE) of the payload | payload
 //! ```
 //!
-//! Every frame is self-delimiting and checksummed, so a reader stops cleanly at a truncated or
-//! damaged frame and everything before it stays usable; a frame whose checksum is right but
-//! whose record is unknown is skipped and reported. Times are CLOCK_BOOTTIME nanoseconds (the
+//! Every frame is self-delimiting and checksummed. A reader keeps everything before a truncated
+//! or damaged frame, skips the damage to the next intact frame (one warning per damaged run,
+//! whatever its size: a crash-zeroed tail of a gigabyte is one line) and reads on; a frame
+//! whose checksum is right but whose record is unknown is skipped and reported. Reading is
+//! bounded whatever the input: one frame of at most [`MAX_FRAME_BYTES`] is buffered, at most
+//! [`MAX_ISSUES`] problems are kept (the rest counted), and time is linear in the input size
+//! (see [`RecordReader`]). Times are CLOCK_BOOTTIME nanoseconds (the
 //! clock eBPF stamps events with, and perf/trace-cmd's `boot` clock); policy inputs carry the
 //! same clock as a `Duration`. A clean end is marked by [`Record::End`]; a file without one was
 //! cut short (crash, power loss, kill -9) and says so when read.
 
 use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,14 +50,34 @@ pub const MAGIC: [u8; 8] = *b"VMMONREC";
 pub const FORMAT_VERSION: u16 = 1;
 /// File-name extension of recordings (rolling segments use it; single files may use any).
 pub const EXTENSION: &str = "vmrec";
-/// Largest frame a reader accepts: far above any real record, small enough that a damaged
-/// length field cannot make the reader allocate gigabytes.
-pub const MAX_FRAME_BYTES: u32 = 16 << 20;
+/// Largest frame payload the writer produces and a reader accepts. The largest records are
+/// policy steps (an input, its actions and decisions, peer texts cut short) and the header (a
+/// JSON configuration), a few KiB each: 1 MiB leaves ample room while bounding what a damaged
+/// length field can make a reader buffer or checksum.
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+/// Problems a reader keeps, with their offsets; more are only counted. Enough to see the
+/// pattern of the damage, few enough to print.
+pub const MAX_ISSUES: usize = 32;
+/// Records [`TimeOrdered`] holds to sort a stream; see there.
+pub const REORDER_RECORDS: usize = 4096;
+/// Frame bytes [`TimeOrdered`] holds at most (one frame of any size always fits).
+pub const REORDER_BYTES: usize = MAX_FRAME_BYTES as usize;
 /// The clock every timestamp in a recording uses.
 pub const CLOCK: &str = "CLOCK_BOOTTIME";
 
 const PREAMBLE_BYTES: usize = MAGIC.len() + 2;
 const FRAME_HEADER_BYTES: usize = 8;
+/// Bytes read from the input at a time.
+const READ_CHUNK: usize = 64 << 10;
+/// Decoder messages kept in an issue, characters.
+const MAX_REASON_CHARS: usize = 200;
+/// Nesting a record may have (real ones have a handful of levels).
+const MAX_RECORD_DEPTH: usize = 64;
+/// Checksum work the reader may spend on candidate frames that turn out damaged: a start
+/// (a few of the largest frames) plus this much per input byte consumed. It keeps skipping
+/// garbage linear; intact files never come near it.
+const CHECK_CREDIT_START: u64 = 4 * MAX_FRAME_BYTES as u64;
+const CHECK_CREDIT_PER_BYTE: u64 = 16;
 /// Capacity of the recorder's queue; beyond it records are dropped and counted, never waited for.
 const QUEUE_CAPACITY: usize = 8192;
 /// Records written between flushes while the queue never empties.
@@ -965,11 +991,18 @@ pub enum ReadError {
         needed: u64,
         available: u64,
     },
-    /// The frame at `offset` is damaged (checksum or impossible length); nothing after it
-    /// can be trusted.
-    Corrupt { offset: u64, reason: String },
+    /// `len` bytes from `offset` hold no intact frame (damage, garbage, zeros) and were
+    /// skipped; `at_end`: they run to the end of the file, else reading resumed after them.
+    Corrupt {
+        offset: u64,
+        len: u64,
+        reason: String,
+        at_end: bool,
+    },
     /// The frame at `offset` is intact but holds no record this build knows; it is skipped.
     Undecodable { offset: u64, reason: String },
+    /// Not a regular file (a FIFO, device, socket or directory): never opened for reading.
+    NotAFile { kind: &'static str },
     /// Reading failed.
     Io { reason: String },
 }
@@ -977,7 +1010,10 @@ pub enum ReadError {
 impl ReadError {
     /// Whether records after this one can still be read.
     pub fn is_skippable(&self) -> bool {
-        matches!(self, ReadError::Undecodable { .. })
+        matches!(
+            self,
+            ReadError::Undecodable { .. } | ReadError::Corrupt { at_end: false, .. }
+        )
     }
 }
 
@@ -1015,14 +1051,35 @@ impl fmt::Display for ReadError {
                 "last record truncated at byte {offset}: {available} of {needed} bytes present \
                  (the recording was cut short); the records before it were read"
             ),
-            ReadError::Corrupt { offset, reason } => write!(
+            ReadError::Corrupt {
+                offset,
+                len,
+                reason,
+                at_end: true,
+            } => write!(
                 f,
-                "damaged record at byte {offset} ({reason}); the records before it were read, \
-                 the rest of the file was ignored"
+                "{len} bytes of damaged data at bytes {offset}..{} (the end of the file) \
+                 ignored ({reason}); the records before them were read",
+                offset.saturating_add(*len)
+            ),
+            ReadError::Corrupt {
+                offset,
+                len,
+                reason,
+                at_end: false,
+            } => write!(
+                f,
+                "{len} bytes of damaged data at bytes {offset}..{} skipped ({reason}); reading \
+                 resumed at the next intact record",
+                offset.saturating_add(*len)
             ),
             ReadError::Undecodable { offset, reason } => {
                 write!(f, "unreadable record at byte {offset} skipped ({reason})")
             }
+            ReadError::NotAFile { kind } => write!(
+                f,
+                "not a regular file but a {kind}; recordings are read only from regular files"
+            ),
             ReadError::Io { reason } => write!(f, "read error: {reason}"),
         }
     }
@@ -1030,42 +1087,256 @@ impl fmt::Display for ReadError {
 
 impl std::error::Error for ReadError {}
 
-/// Reads as many bytes as are there, up to `buf.len()`.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, ReadError> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(ReadError::Io {
-                    reason: e.to_string(),
-                });
-            }
+/// `reason`, cut to [`MAX_REASON_CHARS`]: decoder messages can quote the input.
+fn bounded_reason(mut reason: String) -> String {
+    if let Some((cut, _)) = reason.char_indices().nth(MAX_REASON_CHARS) {
+        reason.truncate(cut);
+        reason.push('…');
+    }
+    reason
+}
+
+/// What `path` is, when it is not a regular file.
+fn special_kind(ft: &std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt as _;
+    if ft.is_file() {
+        None
+    } else if ft.is_dir() {
+        Some("directory")
+    } else if ft.is_fifo() {
+        Some("FIFO (named pipe)")
+    } else if ft.is_char_device() {
+        Some("character device")
+    } else if ft.is_block_device() {
+        Some("block device")
+    } else if ft.is_socket() {
+        Some("socket")
+    } else if ft.is_symlink() {
+        Some("symbolic link")
+    } else {
+        Some("special file")
+    }
+}
+
+/// Opens `path` for reading only if it is a regular file. A FIFO or device could block the
+/// open or every read forever, so the type is checked before opening, the open itself cannot
+/// block (O_NONBLOCK, for a FIFO swapped in after the check), and the opened file is checked
+/// again. O_NONBLOCK changes nothing for reads of a regular file.
+pub fn open_regular(path: &Path) -> Result<File, ReadError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |what: &str, e: io::Error| ReadError::Io {
+        reason: format!("{what}: {e}"),
+    };
+    let meta = std::fs::metadata(path).map_err(|e| io("opening", e))?;
+    if let Some(kind) = special_kind(&meta.file_type()) {
+        return Err(ReadError::NotAFile { kind });
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| io("opening", e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| io("checking the opened file", e))?;
+    if let Some(kind) = special_kind(&meta.file_type()) {
+        return Err(ReadError::NotAFile { kind });
+    }
+    Ok(file)
+}
+
+/// A sliding window over the input: the reader looks at most one frame (header and payload,
+/// at most `FRAME_HEADER_BYTES + MAX_FRAME_BYTES`) ahead of its position, so the buffer stays
+/// below about twice that whatever the input, and holds only bytes that are there; every
+/// input byte is read once and copied at most once more (compaction happens only when the
+/// consumed part outweighs the rest).
+struct Window<R> {
+    inner: R,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    /// Input offset of `buf[pos]`.
+    offset: u64,
+    eof: bool,
+}
+
+impl<R: Read> Window<R> {
+    fn new(inner: R) -> Self {
+        Window {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            offset: 0,
+            eof: false,
         }
     }
-    Ok(n)
+
+    /// Makes `n` bytes from the position available (fewer only at the end of the input) and
+    /// returns how many are.
+    fn fill(&mut self, n: usize) -> Result<usize, ReadError> {
+        while self.end - self.pos < n && !self.eof {
+            if self.pos > 0 && self.pos >= self.end - self.pos {
+                self.buf.copy_within(self.pos..self.end, 0);
+                self.end -= self.pos;
+                self.pos = 0;
+            }
+            // Grown by what arrives, not by what a length field claims.
+            let want = self.end + READ_CHUNK;
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => self.eof = true,
+                Ok(k) => self.end += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(ReadError::Io {
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok((self.end - self.pos).min(n))
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.pos..self.end]
+    }
+
+    fn advance(&mut self, k: usize) {
+        let k = k.min(self.end - self.pos);
+        self.pos += k;
+        self.offset += k as u64;
+    }
 }
 
-enum Frame {
-    Payload(Vec<u8>),
-    Eof,
+/// Why no intact frame starts at a position (kept cheap: it is computed for every byte of a
+/// damaged region, and turned into text only for the region's first).
+#[derive(Clone, Copy, Debug)]
+enum Bad {
+    /// The input ends inside the frame: `available` of `needed` bytes.
+    Cut {
+        len: Option<u32>,
+        needed: u64,
+        available: u64,
+    },
+    Empty,
+    TooLong(u32),
+    NoRecord,
+    Unchecked(u32),
+    Checksum,
 }
 
-/// Reads records one at a time.
+impl fmt::Display for Bad {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Bad::Cut { len: None, .. } => write!(f, "frame header cut short"),
+            Bad::Cut { len: Some(l), .. } => {
+                write!(f, "frame length {l} runs past the end of the file")
+            }
+            Bad::Empty => write!(f, "empty frame, which the writer never produces"),
+            Bad::TooLong(l) => {
+                write!(
+                    f,
+                    "frame length {l} exceeds the {MAX_FRAME_BYTES}-byte limit"
+                )
+            }
+            Bad::NoRecord => write!(f, "no record starts there"),
+            Bad::Unchecked(l) => write!(
+                f,
+                "frame length {l} not checked: the damage before it used up the checking budget"
+            ),
+            Bad::Checksum => write!(f, "checksum mismatch"),
+        }
+    }
+}
+
+enum Check {
+    /// An intact frame with a payload of this many bytes.
+    Frame(usize),
+    Bad(Bad),
+    /// No bytes left.
+    End,
+}
+
+/// A run of bytes being skipped.
+struct Region {
+    start: u64,
+    first: Bad,
+    zeros: bool,
+}
+
+impl Region {
+    fn into_error(self, end: u64, at_end: bool) -> ReadError {
+        let len = end.saturating_sub(self.start);
+        if self.zeros {
+            return ReadError::Corrupt {
+                offset: self.start,
+                len,
+                reason: "all zero bytes".to_string(),
+                at_end,
+            };
+        }
+        match self.first {
+            Bad::Cut {
+                needed, available, ..
+            } if at_end => ReadError::Truncated {
+                offset: self.start,
+                needed,
+                available,
+            },
+            first => ReadError::Corrupt {
+                offset: self.start,
+                len,
+                reason: first.to_string(),
+                at_end,
+            },
+        }
+    }
+}
+
+/// Whether a payload starting with `b0 b1` can be a record: every [`Record`] is a one-entry
+/// MessagePack map keyed by its variant's name (a short string). Only used to resynchronise:
+/// it keeps the checksum from being computed at almost every offset of garbage.
+fn plausible_record(b0: u8, b1: u8) -> bool {
+    b0 == 0x81 && (0xa1..=0xbf).contains(&b1)
+}
+
+fn decode_record(payload: &[u8]) -> Result<Record, String> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(payload);
+    // Real records nest a few levels; a deep nest of arrays must not run the stack out.
+    de.set_max_depth(MAX_RECORD_DEPTH);
+    Record::deserialize(&mut de).map_err(|e| bounded_reason(e.to_string()))
+}
+
+/// Reads the records of one file, one at a time, holding one frame.
+///
+/// After a damaged frame the reader resynchronises: it moves on byte by byte until an intact
+/// frame (known length, right checksum and, there, the shape of a record) starts, and reports
+/// the whole skipped run as one [`ReadError::Corrupt`] (or [`ReadError::Truncated`] when the
+/// run is a last frame cut short). Skipping is linear: most offsets are refused from their
+/// 8-byte frame header, runs of zeros are stepped over at once, and the checksums of candidate
+/// frames that turn out wrong are paid from a budget that grows with the input consumed
+/// (`CHECK_CREDIT_START` plus `CHECK_CREDIT_PER_BYTE` per byte), so no input can make the
+/// reader hash more than a constant times its size.
 pub struct RecordReader<R: Read> {
-    inner: R,
-    offset: u64,
+    win: Window<R>,
     header: Header,
     done: bool,
+    credit: u64,
+    hashed: u64,
+    /// An intact frame found at the end of a skipped run, read by the next call.
+    verified: Option<usize>,
+    last_frame: usize,
 }
 
 impl<R: Read> RecordReader<R> {
     /// Checks the magic and version and reads the header.
-    pub fn new(mut inner: R) -> Result<Self, ReadError> {
-        let mut pre = [0u8; PREAMBLE_BYTES];
-        let n = read_full(&mut inner, &mut pre)?;
+    pub fn new(inner: R) -> Result<Self, ReadError> {
+        let mut win = Window::new(inner);
+        let n = win.fill(PREAMBLE_BYTES)?;
+        let pre = &win.data()[..n];
         if n < MAGIC.len() || pre[..MAGIC.len()] != MAGIC {
             if n < MAGIC.len() && n > 0 && pre[..n] == MAGIC[..n] {
                 return Err(ReadError::TruncatedHeader { len: n as u64 });
@@ -1088,35 +1359,41 @@ impl<R: Read> RecordReader<R> {
         if version != FORMAT_VERSION {
             return Err(ReadError::UnsupportedVersion { found: version });
         }
+        win.advance(PREAMBLE_BYTES);
         let mut reader = RecordReader {
-            inner,
-            offset: PREAMBLE_BYTES as u64,
+            win,
             header: placeholder_header(),
             done: false,
+            credit: CHECK_CREDIT_START,
+            hashed: 0,
+            verified: None,
+            last_frame: 0,
         };
-        let payload = match reader.frame() {
-            Ok(Frame::Payload(p)) => p,
-            Ok(Frame::Eof) => {
+        let len = match reader.check(false)? {
+            Check::Frame(len) => len,
+            Check::End => {
                 return Err(ReadError::TruncatedHeader {
                     len: PREAMBLE_BYTES as u64,
                 });
             }
-            Err(ReadError::Truncated {
-                offset, available, ..
-            }) => {
+            Check::Bad(Bad::Cut { available, .. }) => {
                 return Err(ReadError::TruncatedHeader {
-                    len: offset + available,
+                    len: PREAMBLE_BYTES as u64 + available,
                 });
             }
-            Err(ReadError::Corrupt { reason, .. }) => return Err(ReadError::BadHeader { reason }),
-            Err(e) => return Err(e),
+            Check::Bad(bad) => {
+                return Err(ReadError::BadHeader {
+                    reason: bad.to_string(),
+                });
+            }
         };
-        let header = parse_header(&payload)?;
+        let header = parse_header(&reader.win.data()[FRAME_HEADER_BYTES..][..len])?;
         if header.format_version != FORMAT_VERSION {
             return Err(ReadError::UnsupportedVersion {
                 found: header.format_version,
             });
         }
+        reader.consume(FRAME_HEADER_BYTES + len);
         reader.header = header;
         Ok(reader)
     }
@@ -1127,72 +1404,141 @@ impl<R: Read> RecordReader<R> {
 
     /// Byte offset of the next frame.
     pub fn offset(&self) -> u64 {
-        self.offset
+        self.win.offset
     }
 
-    fn frame(&mut self) -> Result<Frame, ReadError> {
-        let start = self.offset;
-        let mut head = [0u8; FRAME_HEADER_BYTES];
-        let n = read_full(&mut self.inner, &mut head)?;
-        if n == 0 {
-            return Ok(Frame::Eof);
+    /// Size of the frame of the last record returned, header included.
+    pub fn last_frame_bytes(&self) -> usize {
+        self.last_frame
+    }
+
+    /// Payload bytes checksummed so far, intact frames included: the reader's main cost.
+    pub fn hashed_bytes(&self) -> u64 {
+        self.hashed
+    }
+
+    fn consume(&mut self, k: usize) {
+        self.win.advance(k);
+        self.credit = self
+            .credit
+            .saturating_add((k as u64).saturating_mul(CHECK_CREDIT_PER_BYTE));
+    }
+
+    /// Whether an intact frame starts at the position. `resync`: after damage, where a frame
+    /// must also look like a record to be believed.
+    fn check(&mut self, resync: bool) -> Result<Check, ReadError> {
+        let avail = self.win.fill(FRAME_HEADER_BYTES)?;
+        if avail == 0 {
+            return Ok(Check::End);
         }
-        if n < FRAME_HEADER_BYTES {
-            return Err(ReadError::Truncated {
-                offset: start,
+        if avail < FRAME_HEADER_BYTES {
+            return Ok(Check::Bad(Bad::Cut {
+                len: None,
                 needed: FRAME_HEADER_BYTES as u64,
-                available: n as u64,
-            });
+                available: avail as u64,
+            }));
         }
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        let d = self.win.data();
+        let len = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+        let crc = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
+        if len == 0 {
+            return Ok(Check::Bad(Bad::Empty));
+        }
         if len > MAX_FRAME_BYTES {
-            return Err(ReadError::Corrupt {
-                offset: start,
-                reason: format!("frame length {len} exceeds the {MAX_FRAME_BYTES}-byte limit"),
-            });
+            return Ok(Check::Bad(Bad::TooLong(len)));
         }
-        let mut payload = vec![0u8; len as usize];
-        let got = read_full(&mut self.inner, &mut payload)?;
-        if got < payload.len() {
-            return Err(ReadError::Truncated {
-                offset: start,
-                needed: (FRAME_HEADER_BYTES + payload.len()) as u64,
-                available: (FRAME_HEADER_BYTES + got) as u64,
-            });
+        let total = FRAME_HEADER_BYTES + len as usize;
+        if resync {
+            let n = self.win.fill(FRAME_HEADER_BYTES + 2)?;
+            let d = self.win.data();
+            if n < FRAME_HEADER_BYTES + 2 || !plausible_record(d[8], d[9]) {
+                return Ok(Check::Bad(Bad::NoRecord));
+            }
         }
-        if crc32fast::hash(&payload) != crc {
-            return Err(ReadError::Corrupt {
-                offset: start,
-                reason: "checksum mismatch".to_string(),
-            });
+        let avail = self.win.fill(total)?;
+        if avail < total {
+            return Ok(Check::Bad(Bad::Cut {
+                len: Some(len),
+                needed: total as u64,
+                available: avail as u64,
+            }));
         }
-        self.offset = start + (FRAME_HEADER_BYTES + payload.len()) as u64;
-        Ok(Frame::Payload(payload))
+        if u64::from(len) > self.credit {
+            return Ok(Check::Bad(Bad::Unchecked(len)));
+        }
+        self.hashed += u64::from(len);
+        if crc32fast::hash(&self.win.data()[FRAME_HEADER_BYTES..total]) != crc {
+            self.credit -= u64::from(len);
+            return Ok(Check::Bad(Bad::Checksum));
+        }
+        Ok(Check::Frame(len as usize))
     }
 
-    /// The next record; `None` at the end, or after an error nothing can follow.
+    /// Moves past the offset of a bad frame: one byte, or a run of zeros at once (no frame
+    /// starts where its length field is zero).
+    fn skip(&mut self, region: &mut Region) -> Result<(), ReadError> {
+        if self.win.data().first() == Some(&0) {
+            self.win.fill(READ_CHUNK)?;
+            let d = self.win.data();
+            let zeros = d.iter().position(|b| *b != 0).unwrap_or(d.len());
+            self.consume(zeros.saturating_sub(3).max(1));
+        } else {
+            region.zeros = false;
+            self.consume(1);
+        }
+        Ok(())
+    }
+
+    /// The next record, or a problem (one per damaged run); `None` at the end.
     pub fn next_record(&mut self) -> Option<Result<Record, ReadError>> {
         if self.done {
             return None;
         }
-        let start = self.offset;
-        match self.frame() {
-            Ok(Frame::Eof) => {
-                self.done = true;
-                None
-            }
-            Ok(Frame::Payload(p)) => {
-                Some(
-                    rmp_serde::from_slice(&p).map_err(|e| ReadError::Undecodable {
-                        offset: start,
-                        reason: e.to_string(),
-                    }),
-                )
-            }
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
+        let mut region: Option<Region> = None;
+        loop {
+            let check = match self.verified.take() {
+                Some(len) => Check::Frame(len),
+                None => match self.check(region.is_some()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                },
+            };
+            match check {
+                Check::End => {
+                    self.done = true;
+                    return region.map(|r| Err(r.into_error(self.win.offset, true)));
+                }
+                Check::Frame(len) => {
+                    if let Some(r) = region {
+                        self.verified = Some(len);
+                        return Some(Err(r.into_error(self.win.offset, false)));
+                    }
+                    let start = self.win.offset;
+                    let total = FRAME_HEADER_BYTES + len;
+                    let result = decode_record(&self.win.data()[FRAME_HEADER_BYTES..total])
+                        .map_err(|reason| ReadError::Undecodable {
+                            offset: start,
+                            reason,
+                        });
+                    self.consume(total);
+                    self.last_frame = total;
+                    return Some(result);
+                }
+                Check::Bad(bad) => {
+                    let offset = self.win.offset;
+                    let r = region.get_or_insert(Region {
+                        start: offset,
+                        first: bad,
+                        zeros: true,
+                    });
+                    if let Err(e) = self.skip(r) {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
             }
         }
     }
@@ -1210,7 +1556,7 @@ impl<R: Read> Iterator for RecordReader<R> {
 /// build cannot read (written by another version) costs only replay, not the recording.
 fn parse_header(payload: &[u8]) -> Result<Header, ReadError> {
     let bad = |e: serde_json::Error| ReadError::BadHeader {
-        reason: format!("not a header: {e}"),
+        reason: bounded_reason(format!("not a header: {e}")),
     };
     let mut value: serde_json::Value = serde_json::from_slice(payload).map_err(bad)?;
     let policy = value
@@ -1221,7 +1567,7 @@ fn parse_header(payload: &[u8]) -> Result<Header, ReadError> {
     if let Some(p) = policy {
         match serde_json::from_value::<Config>(p) {
             Ok(cfg) => header.policy = Some(cfg),
-            Err(e) => header.policy_error = Some(e.to_string()),
+            Err(e) => header.policy_error = Some(bounded_reason(e.to_string())),
         }
     }
     Ok(header)
@@ -1257,6 +1603,8 @@ pub struct Segment {
     pub records: usize,
     /// Ended with [`Record::End`].
     pub clean_end: bool,
+    /// Its last frame was cut short, or reading it failed (said by its issue).
+    pub cut_short: bool,
 }
 
 /// Something wrong with part of a recording that did not stop it from being read.
@@ -1275,71 +1623,321 @@ impl fmt::Display for Issue {
     }
 }
 
-/// A recording read into memory: one file, or the segments of one rolling run in order.
+/// What reading a recording found besides its records: kept (bounded) while records stream.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Recording {
+pub struct ReadSummary {
     /// The first segment's header.
     pub header: Header,
-    pub records: Vec<Record>,
     pub segments: Vec<Segment>,
-    /// Truncation, damage, missing segments, missing end marker.
+    /// The first [`MAX_ISSUES`] problems.
     pub issues: Vec<Issue>,
+    /// Problems beyond those, only counted.
+    pub issues_omitted: u64,
+    /// Records read.
+    pub records: u64,
+    /// Records the recorder reported as lost.
+    pub dropped: u64,
 }
 
-impl Recording {
-    /// Reads a recording from bytes. Only an unreadable preamble or header is an error; a
-    /// damaged or truncated tail becomes an [`Issue`].
-    pub fn from_bytes(bytes: &[u8]) -> Result<Recording, ReadError> {
-        Self::read(bytes, None)
+impl ReadSummary {
+    fn push_issue(&mut self, issue: Issue) {
+        push_issue(&mut self.issues, &mut self.issues_omitted, issue);
     }
 
-    fn read<R: Read>(r: R, path: Option<&Path>) -> Result<Recording, ReadError> {
-        let mut reader = RecordReader::new(r)?;
-        let header = reader.header().clone();
-        let mut records = Vec::new();
-        let mut issues = Vec::new();
-        while let Some(item) = reader.next_record() {
-            match item {
-                Ok(rec) => records.push(rec),
-                Err(error) => issues.push(Issue {
-                    path: path.map(Path::to_path_buf),
-                    error,
-                }),
-            }
+    /// Segments the run is missing; see [`Recording::missing_segments`].
+    pub fn missing_segments(&self) -> Vec<u32> {
+        missing_segments(self.segments.iter().map(|s| s.segment))
+    }
+
+    /// Human-readable warnings, as [`Recording::warnings`].
+    pub fn warnings(&self) -> Vec<String> {
+        warnings(
+            &self.header,
+            &self.segments,
+            &self.issues,
+            self.issues_omitted,
+            self.dropped,
+        )
+    }
+}
+
+fn push_issue(issues: &mut Vec<Issue>, omitted: &mut u64, issue: Issue) {
+    if issues.len() < MAX_ISSUES {
+        issues.push(issue);
+    } else {
+        *omitted += 1;
+    }
+}
+
+/// Gaps in a run's segment numbers (given in order), and those before the first; at most
+/// [`MAX_ISSUES`] are listed.
+pub fn missing_segments(present: impl Iterator<Item = u32>) -> Vec<u32> {
+    let mut missing = Vec::new();
+    let mut expect = 0u32;
+    for s in present {
+        // A huge segment number in a damaged header must not make this list huge.
+        while expect < s && missing.len() < MAX_ISSUES {
+            missing.push(expect);
+            expect += 1;
         }
-        let clean_end = matches!(records.last(), Some(Record::End { .. }));
+        expect = expect.max(s.saturating_add(1));
+    }
+    missing
+}
+
+fn warnings(
+    header: &Header,
+    segments: &[Segment],
+    issues: &[Issue],
+    omitted: u64,
+    dropped: u64,
+) -> Vec<String> {
+    let mut w: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
+    if omitted > 0 {
+        w.push(format!(
+            "{omitted} more problem(s) not listed (only the first {MAX_ISSUES} are kept)"
+        ));
+    }
+    if let Some(e) = &header.policy_error {
+        w.push(format!(
+            "the recorded policy configuration is unreadable by this vm-monitor ({e}); \
+             replay is not possible"
+        ));
+    }
+    let missing = missing_segments(segments.iter().map(|s| s.segment));
+    if !missing.is_empty() {
+        w.push(format!(
+            "run {} is missing segment(s) {:?} (deleted by the rolling budget?)",
+            header.run_id, missing
+        ));
+    }
+    if let Some(last) = segments.last()
+        && !last.clean_end
+        && !last.cut_short
+    {
+        w.push(
+            "no end marker: the recorder did not finish (still running, killed, or crashed)"
+                .to_string(),
+        );
+    }
+    if dropped > 0 {
+        w.push(format!(
+            "{dropped} record(s) were dropped while recording (recorder queue full or disk \
+             error)"
+        ));
+    }
+    w
+}
+
+type Source<'a> = RecordReader<Box<dyn Read + 'a>>;
+
+fn open_source(path: &Path) -> Result<Source<'static>, ReadError> {
+    let file = open_regular(path)?;
+    RecordReader::new(Box::new(file) as Box<dyn Read>)
+}
+
+/// Reads a recording (one file, or the segments of one rolling run in order) record by
+/// record, holding one frame of input and the [`ReadSummary`] (whose issue list is capped):
+/// what `trace export`, `trace plot` and `replay` stream through. [`Recording`] collects it.
+pub struct RecordingReader<'a> {
+    file: Option<Source<'a>>,
+    path: Option<PathBuf>,
+    /// Segments of the run not opened yet.
+    queue: VecDeque<PathBuf>,
+    /// Segment numbers of the run's files, as listed.
+    planned: Vec<u32>,
+    /// The run's files (none for in-memory bytes).
+    paths: Vec<PathBuf>,
+    summary: ReadSummary,
+    last_frame: usize,
+    skipped_segments: u64,
+}
+
+impl<'a> RecordingReader<'a> {
+    /// Reads a recording held in memory. Only an unreadable preamble or header is an error.
+    pub fn from_bytes(bytes: &'a [u8]) -> Result<Self, ReadError> {
+        let source = RecordReader::new(Box::new(bytes) as Box<dyn Read + 'a>)?;
+        let segment = source.header().segment;
+        Ok(Self::start(
+            source,
+            None,
+            VecDeque::new(),
+            vec![segment],
+            Vec::new(),
+        ))
+    }
+
+    fn start(
+        source: Source<'a>,
+        path: Option<PathBuf>,
+        queue: VecDeque<PathBuf>,
+        planned: Vec<u32>,
+        paths: Vec<PathBuf>,
+    ) -> Self {
+        let header = source.header().clone();
         let segment = Segment {
-            path: path.map(Path::to_path_buf),
+            path: path.clone(),
             segment: header.segment,
             first_record: 0,
-            records: records.len(),
-            clean_end,
+            records: 0,
+            clean_end: false,
+            cut_short: false,
         };
-        Ok(Recording {
-            header,
-            records,
-            segments: vec![segment],
-            issues,
-        })
+        RecordingReader {
+            file: Some(source),
+            path,
+            queue,
+            planned,
+            paths,
+            summary: ReadSummary {
+                header,
+                segments: vec![segment],
+                issues: Vec::new(),
+                issues_omitted: 0,
+                records: 0,
+                dropped: 0,
+            },
+            last_frame: 0,
+            skipped_segments: 0,
+        }
     }
 
-    /// Reads one recording file.
-    pub fn load_file(path: &Path) -> anyhow::Result<Recording> {
-        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        Self::read(BufReader::with_capacity(64 << 10, file), Some(path))
-            .with_context(|| format!("reading {}", path.display()))
+    /// The first segment's header.
+    pub fn header(&self) -> &Header {
+        &self.summary.header
     }
 
-    /// Reads a file, or a `--record-dir` directory: the segments of its most recent run, in
-    /// order (older runs in the directory are ignored, with a note in `issues`).
-    pub fn load(path: &Path) -> anyhow::Result<Recording> {
+    /// What was read so far besides the records.
+    pub fn summary(&self) -> &ReadSummary {
+        &self.summary
+    }
+
+    pub fn into_summary(self) -> ReadSummary {
+        self.summary
+    }
+
+    /// The segment numbers of every file of the run, as listed before reading.
+    pub fn planned_segments(&self) -> &[u32] {
+        &self.planned
+    }
+
+    /// The files of the run, as listed before reading.
+    pub fn planned_paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// Segments after the first that could not be opened (each is also an issue).
+    pub fn skipped_segments(&self) -> u64 {
+        self.skipped_segments
+    }
+
+    /// Size of the frame of the last record returned.
+    pub fn last_frame_bytes(&self) -> usize {
+        self.last_frame
+    }
+
+    /// The next record; problems are collected in the summary. `None` at the end.
+    pub fn next_record(&mut self) -> Option<Record> {
+        loop {
+            let file = self.file.as_mut()?;
+            match file.next_record() {
+                Some(Ok(rec)) => {
+                    self.last_frame = file.last_frame_bytes();
+                    let s = &mut self.summary;
+                    if let Some(seg) = s.segments.last_mut() {
+                        seg.records += 1;
+                        seg.clean_end = matches!(rec, Record::End { .. });
+                    }
+                    s.records += 1;
+                    if let Record::Dropped { total, .. } | Record::End { dropped: total, .. } = &rec
+                    {
+                        s.dropped = s.dropped.max(*total);
+                    }
+                    return Some(rec);
+                }
+                Some(Err(error)) => {
+                    if matches!(error, ReadError::Truncated { .. } | ReadError::Io { .. })
+                        && let Some(seg) = self.summary.segments.last_mut()
+                    {
+                        seg.cut_short = true;
+                    }
+                    let path = self.path.clone();
+                    self.summary.push_issue(Issue { path, error });
+                }
+                None => {
+                    self.file = None;
+                    self.open_next();
+                }
+            }
+        }
+    }
+
+    /// Opens the next segment that can be opened; each that cannot is an issue.
+    fn open_next(&mut self) {
+        while let Some(path) = self.queue.pop_front() {
+            match open_source(&path) {
+                Ok(source) => {
+                    self.summary.segments.push(Segment {
+                        path: Some(path.clone()),
+                        segment: source.header().segment,
+                        first_record: usize::try_from(self.summary.records).unwrap_or(usize::MAX),
+                        records: 0,
+                        clean_end: false,
+                        cut_short: false,
+                    });
+                    self.file = Some(source);
+                    self.path = Some(path);
+                    return;
+                }
+                Err(error) => {
+                    self.skipped_segments += 1;
+                    self.summary.push_issue(Issue {
+                        path: Some(path),
+                        error,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl RecordingReader<'static> {
+    /// Opens a file, or a `--record-dir` directory: the segments of its most recent run, in
+    /// order (older runs in the directory are ignored, with a note in the issues). Only
+    /// regular files are opened (see [`open_regular`]).
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
         let meta =
             std::fs::metadata(path).with_context(|| format!("opening {}", path.display()))?;
-        if !meta.is_dir() {
-            return Self::load_file(path);
+        if meta.is_dir() {
+            Self::open_dir(path)
+        } else {
+            Self::open_file(path)
+        }
+    }
+
+    /// Opens one recording file.
+    pub fn open_file(path: &Path) -> anyhow::Result<Self> {
+        let source = open_source(path).with_context(|| format!("reading {}", path.display()))?;
+        let planned = vec![source.header().segment];
+        Ok(Self::start(
+            source,
+            Some(path.to_path_buf()),
+            VecDeque::new(),
+            planned,
+            vec![path.to_path_buf()],
+        ))
+    }
+
+    fn open_dir(path: &Path) -> anyhow::Result<Self> {
+        struct Candidate {
+            run_id: String,
+            start_unix_ns: u64,
+            segment: u32,
+            path: PathBuf,
         }
         let mut candidates = Vec::new();
-        let mut unreadable = Vec::new();
+        let mut issues = Vec::new();
+        let mut omitted = 0u64;
         let entries =
             std::fs::read_dir(path).with_context(|| format!("listing {}", path.display()))?;
         for entry in entries.flatten() {
@@ -1347,60 +1945,79 @@ impl Recording {
             if p.extension().and_then(|e| e.to_str()) != Some(EXTENSION) {
                 continue;
             }
-            match File::open(&p)
-                .map_err(|e| ReadError::Io {
-                    reason: e.to_string(),
-                })
-                .and_then(|f| RecordReader::new(BufReader::new(f)))
-            {
-                Ok(r) => candidates.push((r.header().clone(), p)),
-                Err(error) => unreadable.push(Issue {
-                    path: Some(p),
-                    error,
-                }),
+            match open_source(&p) {
+                Ok(r) => {
+                    let h = r.header();
+                    candidates.push(Candidate {
+                        run_id: h.run_id.clone(),
+                        start_unix_ns: h.start_unix_ns,
+                        segment: h.segment,
+                        path: p,
+                    });
+                }
+                Err(error) => push_issue(
+                    &mut issues,
+                    &mut omitted,
+                    Issue {
+                        path: Some(p),
+                        error,
+                    },
+                ),
             }
         }
         let Some(latest) = candidates
             .iter()
-            .max_by_key(|(h, _)| (h.start_unix_ns, h.segment))
-            .map(|(h, _)| h.run_id.clone())
+            .max_by_key(|c| (c.start_unix_ns, c.segment))
+            .map(|c| c.run_id.clone())
         else {
             bail!(
                 "{} holds no readable recording (*.{EXTENSION}){}",
                 path.display(),
-                unreadable
+                issues
                     .first()
                     .map(|i| format!("; e.g. {i}"))
                     .unwrap_or_default()
             );
         };
-        let other_runs = candidates
-            .iter()
-            .filter(|(h, _)| h.run_id != latest)
-            .count();
+        let other_runs = candidates.iter().filter(|c| c.run_id != latest).count();
         let mut run: Vec<(u32, PathBuf)> = candidates
             .into_iter()
-            .filter(|(h, _)| h.run_id == latest)
-            .map(|(h, p)| (h.segment, p))
+            .filter(|c| c.run_id == latest)
+            .map(|c| (c.segment, c.path))
             .collect();
         run.sort();
-        let mut merged: Option<Recording> = None;
-        for (_, p) in run {
-            let part = Self::load_file(&p)?;
-            merged = Some(match merged {
-                None => part,
-                Some(mut acc) => {
-                    acc.append(part);
-                    acc
-                }
-            });
-        }
-        let Some(mut rec) = merged else {
-            bail!("{} holds no readable recording", path.display());
+        let planned: Vec<u32> = run.iter().map(|(s, _)| *s).collect();
+        let paths: Vec<PathBuf> = run.into_iter().map(|(_, p)| p).collect();
+        let mut queue: VecDeque<PathBuf> = paths.iter().cloned().collect();
+        let mut reader = loop {
+            let Some(p) = queue.pop_front() else {
+                bail!(
+                    "{} holds no readable recording{}",
+                    path.display(),
+                    issues
+                        .last()
+                        .map(|i| format!("; e.g. {i}"))
+                        .unwrap_or_default()
+                );
+            };
+            match open_source(&p) {
+                Ok(source) => break Self::start(source, Some(p), queue, planned, paths),
+                Err(error) => push_issue(
+                    &mut issues,
+                    &mut omitted,
+                    Issue {
+                        path: Some(p),
+                        error,
+                    },
+                ),
+            }
         };
-        rec.issues.extend(unreadable);
+        reader.summary.issues_omitted += omitted;
+        for issue in issues {
+            reader.summary.push_issue(issue);
+        }
         if other_runs > 0 {
-            rec.issues.push(Issue {
+            reader.summary.push_issue(Issue {
                 path: Some(path.to_path_buf()),
                 error: ReadError::Io {
                     reason: format!(
@@ -1410,67 +2027,160 @@ impl Recording {
                 },
             });
         }
-        Ok(rec)
+        Ok(reader)
+    }
+}
+
+impl Iterator for RecordingReader<'_> {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        self.next_record()
+    }
+}
+
+/// A record waiting in [`TimeOrdered`]'s window, ordered by time then arrival.
+struct Pending {
+    ts_ns: u64,
+    seq: u64,
+    bytes: usize,
+    record: Record,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        (self.ts_ns, self.seq) == (other.ts_ns, other.seq)
+    }
+}
+
+impl Eq for Pending {}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.ts_ns, self.seq).cmp(&(other.ts_ns, other.seq))
+    }
+}
+
+/// The records of a [`RecordingReader`] in time order, as far as a bounded window allows:
+/// records are nearly sorted already (per-CPU ring-buffer order), so holding the next
+/// [`REORDER_RECORDS`] (at most [`REORDER_BYTES`] of frames) and always passing on the
+/// earliest sorts them like a full sort would, in constant memory; a record later than that
+/// comes out late instead. Same-time records keep their file order.
+pub struct TimeOrdered<'r, 'a> {
+    reader: &'r mut RecordingReader<'a>,
+    heap: BinaryHeap<Reverse<Pending>>,
+    bytes: usize,
+    seq: u64,
+    exhausted: bool,
+}
+
+impl<'r, 'a> TimeOrdered<'r, 'a> {
+    pub fn new(reader: &'r mut RecordingReader<'a>) -> Self {
+        TimeOrdered {
+            reader,
+            heap: BinaryHeap::new(),
+            bytes: 0,
+            seq: 0,
+            exhausted: false,
+        }
+    }
+}
+
+impl Iterator for TimeOrdered<'_, '_> {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        while !self.exhausted && self.heap.len() < REORDER_RECORDS && self.bytes < REORDER_BYTES {
+            match self.reader.next_record() {
+                Some(record) => {
+                    let bytes = self.reader.last_frame_bytes();
+                    self.bytes += bytes;
+                    self.heap.push(Reverse(Pending {
+                        ts_ns: record.ts_ns(),
+                        seq: self.seq,
+                        bytes,
+                        record,
+                    }));
+                    self.seq += 1;
+                }
+                None => self.exhausted = true,
+            }
+        }
+        let Reverse(p) = self.heap.pop()?;
+        self.bytes -= p.bytes;
+        Some(p.record)
+    }
+}
+
+/// A recording read into memory: one file, or the segments of one rolling run in order.
+/// Holds every record: `replay`, `export` and `plot` stream through [`RecordingReader`]
+/// instead.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recording {
+    /// The first segment's header.
+    pub header: Header,
+    pub records: Vec<Record>,
+    pub segments: Vec<Segment>,
+    /// Truncation, damage, missing segments, missing end marker: the first [`MAX_ISSUES`].
+    pub issues: Vec<Issue>,
+    /// Issues beyond those, only counted.
+    pub issues_omitted: u64,
+}
+
+impl Recording {
+    /// Reads a recording from bytes. Only an unreadable preamble or header is an error; a
+    /// damaged or truncated part becomes an [`Issue`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Recording, ReadError> {
+        RecordingReader::from_bytes(bytes).map(Self::collect)
     }
 
-    fn append(&mut self, mut other: Recording) {
-        let base = self.records.len();
-        for s in &mut other.segments {
-            s.first_record += base;
+    /// Reads every record of `reader`.
+    pub fn collect(mut reader: RecordingReader<'_>) -> Recording {
+        let mut records = Vec::new();
+        while let Some(r) = reader.next_record() {
+            records.push(r);
         }
-        self.records.append(&mut other.records);
-        self.segments.append(&mut other.segments);
-        self.issues.append(&mut other.issues);
+        let s = reader.into_summary();
+        Recording {
+            header: s.header,
+            records,
+            segments: s.segments,
+            issues: s.issues,
+            issues_omitted: s.issues_omitted,
+        }
+    }
+
+    /// Reads one recording file.
+    pub fn load_file(path: &Path) -> anyhow::Result<Recording> {
+        RecordingReader::open_file(path).map(Self::collect)
+    }
+
+    /// Reads a file, or a `--record-dir` directory (see [`RecordingReader::open`]).
+    pub fn load(path: &Path) -> anyhow::Result<Recording> {
+        RecordingReader::open(path).map(Self::collect)
     }
 
     /// Segments the run is missing (deleted by the rolling budget, or not passed): those
     /// before the first one present and gaps between them.
     pub fn missing_segments(&self) -> Vec<u32> {
-        let mut missing = Vec::new();
-        let mut expect = 0u32;
-        for s in &self.segments {
-            while expect < s.segment {
-                missing.push(expect);
-                expect += 1;
-            }
-            expect = s.segment.saturating_add(1);
-        }
-        missing
+        missing_segments(self.segments.iter().map(|s| s.segment))
     }
 
     /// Human-readable warnings: read issues, missing segments, no clean end, dropped records.
     pub fn warnings(&self) -> Vec<String> {
-        let mut w: Vec<String> = self.issues.iter().map(|i| i.to_string()).collect();
-        if let Some(e) = &self.header.policy_error {
-            w.push(format!(
-                "the recorded policy configuration is unreadable by this vm-monitor ({e}); \
-                 replay is not possible"
-            ));
-        }
-        let missing = self.missing_segments();
-        if !missing.is_empty() {
-            w.push(format!(
-                "run {} is missing segment(s) {:?} (deleted by the rolling budget?)",
-                self.header.run_id, missing
-            ));
-        }
-        if let Some(last) = self.segments.last()
-            && !last.clean_end
-            && !self.issues.iter().any(|i| !i.error.is_skippable())
-        {
-            w.push(
-                "no end marker: the recorder did not finish (still running, killed, or crashed)"
-                    .to_string(),
-            );
-        }
-        let dropped = self.dropped();
-        if dropped > 0 {
-            w.push(format!(
-                "{dropped} record(s) were dropped while recording (recorder queue full or disk \
-                 error)"
-            ));
-        }
-        w
+        warnings(
+            &self.header,
+            &self.segments,
+            &self.issues,
+            self.issues_omitted,
+            self.dropped(),
+        )
     }
 
     /// Records the recorder reported as lost.
@@ -1508,6 +2218,13 @@ impl Recording {
             c.1 += u64::from(e.events);
         }
         m
+    }
+
+    /// The records in time order (a stable sort: same-time records keep their file order).
+    pub fn time_ordered(&self) -> Vec<&Record> {
+        let mut order: Vec<&Record> = self.records.iter().collect();
+        order.sort_by_key(|r| r.ts_ns());
+        order
     }
 
     /// The series and markers `export` and `plot` draw.
@@ -1591,156 +2308,188 @@ pub struct Timeline {
     pub events: Vec<(u64, String, u32)>,
 }
 
-fn push_change<T: PartialEq + Copy>(series: &mut Vec<Change<T>>, ts_ns: u64, value: T) {
-    if series.last().map(|c| c.value) != Some(value) {
-        series.push(Change { ts_ns, value });
-    }
+/// The memory series of a [`Timeline`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Series {
+    NonReclaimable,
+    Current,
+    Threshold,
+    Usable,
+    FileCache,
+}
+
+/// One piece of a timeline, as [`TimelineBuilder`] finds it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TimelineItem {
+    Change(Series, Change<u64>),
+    MemoryHigh(Change<Option<u64>>),
+    Stall(Stall),
+    Marker(Marker),
+}
+
+/// Turns records, fed in time order, into timeline items as they come: series changes,
+/// stalls and markers. Holds only the last value of each series, so a whole recording can
+/// stream through it ([`Timeline`] collects it; export and plot consume it directly).
+#[derive(Clone, Debug, Default)]
+pub struct TimelineBuilder {
+    last: [Option<u64>; 5],
+    last_high: Option<Option<u64>>,
+    last_oom_kill: Option<u64>,
+    first_ns: Option<u64>,
+    last_ns: Option<u64>,
 }
 
 fn json_u64(v: &serde_json::Value, key: &str) -> Option<u64> {
     v.get(key).and_then(serde_json::Value::as_u64)
 }
 
-impl Timeline {
-    fn build(rec: &Recording) -> Timeline {
-        // Series are built in time order; records are nearly sorted already (per-CPU ring
-        // buffer order), so a stable sort by time keeps same-time records in file order.
-        let mut order: Vec<&Record> = rec.records.iter().collect();
-        order.sort_by_key(|r| r.ts_ns());
-        let mut t = Timeline::default();
-        let mut times = Vec::new();
-        let mut last_oom_kill: Option<u64> = None;
-        for r in order {
-            match r {
-                Record::Event(e) => {
-                    times.push(e.ts_ns);
-                    t.events
-                        .push((e.ts_ns, e.kind.name().into_owned(), e.events));
-                    match e.kind.record_kind() {
-                        Some(k @ (RecordKind::MemcgReclaimEnd | RecordKind::DirectReclaimEnd))
-                            if e.stall_ns > 0 =>
-                        {
-                            t.stalls.push(Stall {
-                                end_ns: e.ts_ns,
-                                stall_ns: e.stall_ns,
-                                memcg: k == RecordKind::MemcgReclaimEnd,
-                                pid: e.pid,
-                                tgid: e.tgid,
-                                comm: e.comm.clone(),
-                                nr_reclaimed: e.value,
-                                events: e.events,
-                            })
-                        }
-                        Some(RecordKind::OomVictim) => t.markers.push(Marker {
-                            ts_ns: e.ts_ns,
-                            what: MarkerKind::OomKill {
-                                victim_pid: Some(e.value),
-                            },
-                            detail: format!("OOM victim pid {} (seen in {})", e.value, e.comm),
-                        }),
-                        _ => {}
-                    }
-                    if let EventKind::MemoryEvents { oom_kill, .. } = e.kind {
-                        if last_oom_kill.is_some_and(|prev| oom_kill > prev) {
-                            t.markers.push(Marker {
-                                ts_ns: e.ts_ns,
-                                what: MarkerKind::OomKill { victim_pid: None },
-                                detail: format!("memory.events oom_kill rose to {oom_kill}"),
-                            });
-                        }
-                        last_oom_kill = Some(oom_kill);
-                    }
-                }
-                Record::Reading(rd) => {
-                    times.push(rd.ts_ns);
-                    if let Some(v) = rd.non_reclaimable {
-                        push_change(&mut t.non_reclaimable, rd.ts_ns, v);
-                    }
-                    if let Some(v) = rd.current {
-                        push_change(&mut t.current, rd.ts_ns, v);
-                    }
-                    if let Some(h) = rd.memory_high {
-                        push_change(&mut t.memory_high, rd.ts_ns, h.bytes());
-                    }
-                }
-                Record::Step(s) => t.add_step(s, &mut times),
-                // They mark how long the recording ran, events or not.
-                Record::Dropped { at_ns, .. }
-                | Record::KernelCounters { at_ns, .. }
-                | Record::End { at_ns, .. } => times.push(*at_ns),
-            }
+impl TimelineBuilder {
+    /// Earliest and latest time seen; the header's `start_boot_ns` counts as seen, if set.
+    pub fn span(&self, start_boot_ns: u64) -> (u64, u64) {
+        let mut start = self.first_ns.unwrap_or(start_boot_ns);
+        if start_boot_ns > 0 {
+            start = start.min(start_boot_ns);
         }
-        t.start_ns = times
-            .iter()
-            .copied()
-            .min()
-            .unwrap_or(rec.header.start_boot_ns);
-        if rec.header.start_boot_ns > 0 {
-            t.start_ns = t.start_ns.min(rec.header.start_boot_ns);
-        }
-        t.end_ns = times
-            .iter()
-            .copied()
-            .max()
-            .unwrap_or(t.start_ns)
-            .max(t.start_ns);
-        t
+        let end = self.last_ns.unwrap_or(start).max(start);
+        (start, end)
     }
 
-    fn add_step(&mut self, s: &StepRecord, times: &mut Vec<u64>) {
+    fn time(&mut self, ts: u64) {
+        self.first_ns = Some(self.first_ns.map_or(ts, |t| t.min(ts)));
+        self.last_ns = Some(self.last_ns.map_or(ts, |t| t.max(ts)));
+    }
+
+    fn change(&mut self, series: Series, ts_ns: u64, value: u64, out: &mut Vec<TimelineItem>) {
+        let last = &mut self.last[series as usize];
+        if *last != Some(value) {
+            *last = Some(value);
+            out.push(TimelineItem::Change(series, Change { ts_ns, value }));
+        }
+    }
+
+    fn high(&mut self, ts_ns: u64, value: Option<u64>, out: &mut Vec<TimelineItem>) {
+        if self.last_high != Some(value) {
+            self.last_high = Some(value);
+            out.push(TimelineItem::MemoryHigh(Change { ts_ns, value }));
+        }
+    }
+
+    /// Appends to `out` what `r` adds to the timeline.
+    pub fn feed(&mut self, r: &Record, out: &mut Vec<TimelineItem>) {
+        match r {
+            Record::Event(e) => {
+                self.time(e.ts_ns);
+                match e.kind.record_kind() {
+                    Some(k @ (RecordKind::MemcgReclaimEnd | RecordKind::DirectReclaimEnd))
+                        if e.stall_ns > 0 =>
+                    {
+                        out.push(TimelineItem::Stall(Stall {
+                            end_ns: e.ts_ns,
+                            stall_ns: e.stall_ns,
+                            memcg: k == RecordKind::MemcgReclaimEnd,
+                            pid: e.pid,
+                            tgid: e.tgid,
+                            comm: e.comm.clone(),
+                            nr_reclaimed: e.value,
+                            events: e.events,
+                        }))
+                    }
+                    Some(RecordKind::OomVictim) => out.push(TimelineItem::Marker(Marker {
+                        ts_ns: e.ts_ns,
+                        what: MarkerKind::OomKill {
+                            victim_pid: Some(e.value),
+                        },
+                        detail: format!("OOM victim pid {} (seen in {})", e.value, e.comm),
+                    })),
+                    _ => {}
+                }
+                if let EventKind::MemoryEvents { oom_kill, .. } = e.kind {
+                    if self.last_oom_kill.is_some_and(|prev| oom_kill > prev) {
+                        out.push(TimelineItem::Marker(Marker {
+                            ts_ns: e.ts_ns,
+                            what: MarkerKind::OomKill { victim_pid: None },
+                            detail: format!("memory.events oom_kill rose to {oom_kill}"),
+                        }));
+                    }
+                    self.last_oom_kill = Some(oom_kill);
+                }
+            }
+            Record::Reading(rd) => {
+                self.time(rd.ts_ns);
+                if let Some(v) = rd.non_reclaimable {
+                    self.change(Series::NonReclaimable, rd.ts_ns, v, out);
+                }
+                if let Some(v) = rd.current {
+                    self.change(Series::Current, rd.ts_ns, v, out);
+                }
+                if let Some(h) = rd.memory_high {
+                    self.high(rd.ts_ns, h.bytes(), out);
+                }
+            }
+            Record::Step(s) => self.step(s, out),
+            // They mark how long the recording ran, events or not.
+            Record::Dropped { at_ns, .. }
+            | Record::KernelCounters { at_ns, .. }
+            | Record::End { at_ns, .. } => self.time(*at_ns),
+        }
+    }
+
+    fn step(&mut self, s: &StepRecord, out: &mut Vec<TimelineItem>) {
         let at = duration_ns(s.input.at());
-        times.push(at);
+        self.time(at);
         match &s.input {
             Input::Pressure {
                 reading: Some(r), ..
-            } => push_change(&mut self.non_reclaimable, at, *r),
+            } => self.change(Series::NonReclaimable, at, *r, out),
             Input::Reading {
                 non_reclaimable,
                 current,
                 ..
             } => {
-                push_change(&mut self.non_reclaimable, at, *non_reclaimable);
-                push_change(&mut self.current, at, *current);
+                self.change(Series::NonReclaimable, at, *non_reclaimable, out);
+                self.change(Series::Current, at, *current, out);
             }
             Input::Applied {
                 effect,
                 result: Ok(()),
                 ..
             } => match effect {
-                Effect::FileCache { bytes } => push_change(&mut self.file_cache, at, *bytes),
-                Effect::MemoryHigh { value } => {
-                    push_change(&mut self.memory_high, at, value.bytes())
-                }
+                Effect::FileCache { bytes } => self.change(Series::FileCache, at, *bytes, out),
+                Effect::MemoryHigh { value } => self.high(at, value.bytes(), out),
             },
-            Input::UpscaleNotification { granted_mem, .. } => self.markers.push(Marker {
-                ts_ns: at,
-                what: MarkerKind::UpscaleGranted {
-                    granted: *granted_mem,
-                },
-                detail: format!("agent granted {} MiB", granted_mem >> 20),
-            }),
-            Input::DownscaleRequest { target_mem, .. } => self.markers.push(Marker {
+            Input::UpscaleNotification { granted_mem, .. } => {
+                out.push(TimelineItem::Marker(Marker {
+                    ts_ns: at,
+                    what: MarkerKind::UpscaleGranted {
+                        granted: *granted_mem,
+                    },
+                    detail: format!("agent granted {} MiB", granted_mem >> 20),
+                }))
+            }
+            Input::DownscaleRequest { target_mem, .. } => out.push(TimelineItem::Marker(Marker {
                 ts_ns: at,
                 what: MarkerKind::DownscaleRequest {
                     target: *target_mem,
                 },
                 detail: format!("agent asked to downscale to {} MiB", target_mem >> 20),
-            }),
+            })),
             _ => {}
         }
         for a in &s.actions {
             match a {
-                ActionRecord::UpscaleRequest { text, .. } => self.markers.push(Marker {
-                    ts_ns: at,
-                    what: MarkerKind::UpscaleRequest,
-                    detail: text.clone(),
-                }),
+                ActionRecord::UpscaleRequest { text, .. } => {
+                    out.push(TimelineItem::Marker(Marker {
+                        ts_ns: at,
+                        what: MarkerKind::UpscaleRequest,
+                        detail: text.clone(),
+                    }))
+                }
                 ActionRecord::Reply(OutcomeRecord::Downscale { ok, status }) => {
-                    self.markers.push(Marker {
+                    out.push(TimelineItem::Marker(Marker {
                         ts_ns: at,
                         what: MarkerKind::DownscaleResult { ok: *ok },
                         detail: status.clone(),
-                    })
+                    }))
                 }
                 ActionRecord::Decision(d) => {
                     let dat = d
@@ -1749,10 +2498,10 @@ impl Timeline {
                         .map(|(s, n)| s.saturating_mul(1_000_000_000).saturating_add(n))
                         .unwrap_or(at);
                     if let Some(th) = json_u64(d, "threshold").filter(|v| *v > 0) {
-                        push_change(&mut self.threshold, dat, th);
+                        self.change(Series::Threshold, dat, th, out);
                     }
                     if let Some(u) = json_u64(d, "usable").filter(|v| *v > 0) {
-                        push_change(&mut self.usable, dat, u);
+                        self.change(Series::Usable, dat, u, out);
                     }
                     let kind = d
                         .get("kind")
@@ -1766,16 +2515,47 @@ impl Timeline {
                             .and_then(|k| k.as_str())
                             .unwrap_or_default()
                             .to_string();
-                        self.markers.push(Marker {
+                        out.push(TimelineItem::Marker(Marker {
                             ts_ns: dat,
                             what: MarkerKind::Decision { kind },
                             detail,
-                        });
+                        }));
                     }
                 }
                 _ => {}
             }
         }
+    }
+}
+
+impl Timeline {
+    fn build(rec: &Recording) -> Timeline {
+        let mut t = Timeline::default();
+        let mut builder = TimelineBuilder::default();
+        let mut items = Vec::new();
+        for r in rec.time_ordered() {
+            if let Record::Event(e) = r {
+                t.events
+                    .push((e.ts_ns, e.kind.name().into_owned(), e.events));
+            }
+            builder.feed(r, &mut items);
+            for item in items.drain(..) {
+                match item {
+                    TimelineItem::Change(s, c) => match s {
+                        Series::NonReclaimable => t.non_reclaimable.push(c),
+                        Series::Current => t.current.push(c),
+                        Series::Threshold => t.threshold.push(c),
+                        Series::Usable => t.usable.push(c),
+                        Series::FileCache => t.file_cache.push(c),
+                    },
+                    TimelineItem::MemoryHigh(c) => t.memory_high.push(c),
+                    TimelineItem::Stall(s) => t.stalls.push(s),
+                    TimelineItem::Marker(m) => t.markers.push(m),
+                }
+            }
+        }
+        (t.start_ns, t.end_ns) = builder.span(rec.header.start_boot_ns);
+        t
     }
 }
 
@@ -2138,6 +2918,243 @@ mod tests {
             );
             assert!(rec.warnings().iter().any(|w| w.contains("dropped")));
         }
+    }
+
+    /// The preamble and header, and the frames of `records` (each with its offset).
+    fn framed(records: &[Record]) -> (Vec<u8>, Vec<(usize, usize)>) {
+        let mut bytes = RecordWriter::new(Vec::new(), &header())
+            .unwrap()
+            .into_inner();
+        let mut frames = Vec::new();
+        for r in records {
+            let f = encode_record(r).unwrap();
+            frames.push((bytes.len(), f.len()));
+            bytes.extend_from_slice(&f);
+        }
+        (bytes, frames)
+    }
+
+    #[test]
+    fn every_record_kind_looks_like_a_record_to_the_resynchroniser() {
+        let mut records = sample_records();
+        records.push(Record::Dropped { at_ns: 1, total: 2 });
+        records.push(Record::KernelCounters {
+            at_ns: 1,
+            kinds: vec![],
+        });
+        for r in &records {
+            let f = encode_record(r).unwrap();
+            assert!(plausible_record(f[8], f[9]), "{r:?}: {:02x?}", &f[..12]);
+        }
+    }
+
+    #[test]
+    fn a_zero_tail_is_one_issue_and_loses_nothing() {
+        let records = sample_records();
+        let (mut bytes, _) = framed(&records);
+        let valid = bytes.len();
+        bytes.resize(valid + (1 << 20) + 5, 0);
+        let rec = Recording::from_bytes(&bytes).unwrap();
+        assert_eq!(rec.records, records);
+        assert_eq!(
+            rec.issues.iter().map(|i| &i.error).collect::<Vec<_>>(),
+            [&ReadError::Corrupt {
+                offset: valid as u64,
+                len: (1 << 20) + 5,
+                reason: "all zero bytes".into(),
+                at_end: true,
+            }]
+        );
+        assert_eq!(rec.warnings().len(), 1, "{:?}", rec.warnings());
+        // Fewer than a frame header of zeros: still zeros, not a truncated record.
+        let (mut short, _) = framed(&records);
+        short.extend_from_slice(&[0, 0, 0]);
+        let rec = Recording::from_bytes(&short).unwrap();
+        assert_eq!(rec.records, records);
+        assert!(matches!(
+            rec.issues[..],
+            [Issue {
+                error: ReadError::Corrupt { len: 3, .. },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn garbage_between_records_is_skipped_as_one_run() {
+        let records = sample_records();
+        let (bytes, frames) = framed(&records);
+        let at = frames[2].0;
+        // Deterministic noise, zero runs included.
+        let noise: Vec<u8> = (0u32..5000)
+            .map(|i| {
+                if i % 700 < 40 {
+                    0
+                } else {
+                    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+                }
+            })
+            .collect();
+        let damaged = [&bytes[..at], &noise, &bytes[at..]].concat();
+        let rec = Recording::from_bytes(&damaged).unwrap();
+        assert_eq!(rec.records, records);
+        assert_eq!(rec.issues.len(), 1, "{:?}", rec.issues);
+        assert!(matches!(
+            rec.issues[0].error,
+            ReadError::Corrupt { offset, len: 5000, at_end: false, .. } if offset == at as u64
+        ));
+        assert!(
+            rec.warnings()[0].contains("5000 bytes of damaged data"),
+            "{:?}",
+            rec.warnings()
+        );
+    }
+
+    #[test]
+    fn giant_lengths_are_refused_without_buffering_them() {
+        let records = sample_records();
+        let (bytes, frames) = framed(&records);
+        let at = frames[3].0;
+        for len in [u32::MAX, MAX_FRAME_BYTES + 1, MAX_FRAME_BYTES] {
+            let mut head = len.to_le_bytes().to_vec();
+            head.extend_from_slice(&[0x81, 0xa5, 0, 0]);
+            let damaged = [&bytes[..at], &head, &bytes[at..]].concat();
+            let mut r = RecordReader::new(damaged.as_slice()).unwrap();
+            let mut got = Vec::new();
+            let mut issues = Vec::new();
+            for item in r.by_ref() {
+                match item {
+                    Ok(rec) => got.push(rec),
+                    Err(e) => issues.push(e),
+                }
+            }
+            assert_eq!(got, records, "length {len}");
+            assert!(
+                matches!(
+                    issues[..],
+                    [ReadError::Corrupt {
+                        len: 8,
+                        at_end: false,
+                        ..
+                    }]
+                ),
+                "{issues:?}"
+            );
+            assert!(r.win.buf.len() <= 2 * damaged.len() + READ_CHUNK);
+        }
+        // A giant length in the last frame: the file was cut short.
+        let last = frames[frames.len() - 1].0;
+        let mut cut = bytes[..last].to_vec();
+        cut.extend_from_slice(&MAX_FRAME_BYTES.to_le_bytes());
+        cut.extend_from_slice(&[1, 2, 3, 4, 5]);
+        let rec = Recording::from_bytes(&cut).unwrap();
+        assert_eq!(rec.records, records[..records.len() - 1]);
+        assert!(matches!(
+            rec.issues[..],
+            [Issue { error: ReadError::Truncated { needed, available: 9, .. }, .. }]
+                if needed == u64::from(MAX_FRAME_BYTES) + 8
+        ));
+    }
+
+    #[test]
+    fn many_damaged_runs_are_counted_not_kept() {
+        let records: Vec<Record> = (0..300)
+            .map(|i| Record::Dropped { at_ns: i, total: 0 })
+            .collect();
+        let mut bytes = RecordWriter::new(Vec::new(), &header())
+            .unwrap()
+            .into_inner();
+        for r in &records {
+            bytes.extend_from_slice(&encode_record(r).unwrap());
+            bytes.push(0xee);
+        }
+        let rec = Recording::from_bytes(&bytes).unwrap();
+        assert_eq!(rec.records, records);
+        assert_eq!(rec.issues.len(), MAX_ISSUES);
+        assert_eq!(rec.issues_omitted, 300 - MAX_ISSUES as u64);
+        let w = rec.warnings();
+        assert!(w.len() <= MAX_ISSUES + 2, "{}", w.len());
+        assert!(
+            w.iter().any(|w| w.contains("more problem(s) not listed")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_an_unreadable_record_not_a_stack_overflow() {
+        let step = |depth: usize| {
+            let mut v = serde_json::Value::Null;
+            for _ in 0..depth.min(40) {
+                v = serde_json::Value::Array(vec![v]);
+            }
+            let rec = Record::Step(StepRecord {
+                input: Input::Tick {
+                    at: Duration::from_secs(1),
+                },
+                actions: vec![ActionRecord::Decision(v)],
+            });
+            let mut payload = rmp_serde::to_vec(&rec).unwrap();
+            // The innermost null is the payload's last byte: nest deeper than serde_json can.
+            assert_eq!(payload.pop(), Some(0xc0));
+            payload.extend(std::iter::repeat_n(0x91, depth.saturating_sub(40)));
+            payload.push(0xc0);
+            let mut bytes = RecordWriter::new(Vec::new(), &header())
+                .unwrap()
+                .into_inner();
+            push_frame(&mut bytes, &payload).unwrap();
+            Recording::from_bytes(&bytes).unwrap()
+        };
+        let fine = step(20);
+        assert_eq!(fine.records.len(), 1, "{:?}", fine.issues);
+        let deep = step(200_000);
+        assert!(deep.records.is_empty());
+        assert!(matches!(
+            deep.issues[0].error,
+            ReadError::Undecodable { .. }
+        ));
+    }
+
+    #[test]
+    fn checksumming_stays_linear_on_crafted_candidates() {
+        // Every 10 bytes a frame header claiming the largest payload, shaped like a record.
+        let (mut bytes, _) = framed(&sample_records()[..1]);
+        let start = bytes.len();
+        while bytes.len() < start + (3 << 20) {
+            bytes.extend_from_slice(&MAX_FRAME_BYTES.to_le_bytes());
+            bytes.extend_from_slice(&[9, 9, 9, 9, 0x81, 0xa5]);
+        }
+        let mut r = RecordReader::new(bytes.as_slice()).unwrap();
+        let items: Vec<_> = r.by_ref().collect();
+        assert_eq!(items.len(), 2, "one record, one damaged run");
+        let budget = CHECK_CREDIT_START + CHECK_CREDIT_PER_BYTE * bytes.len() as u64;
+        assert!(
+            r.hashed_bytes() <= budget + bytes.len() as u64,
+            "{} bytes hashed for {} of input",
+            r.hashed_bytes(),
+            bytes.len()
+        );
+    }
+
+    #[test]
+    fn reasons_are_bounded() {
+        let long = "x".repeat(10_000);
+        assert!(bounded_reason(long).chars().count() <= MAX_REASON_CHARS + 1);
+        assert_eq!(bounded_reason("short".into()), "short");
+    }
+
+    #[test]
+    fn the_reorder_window_sorts_nearly_sorted_records() {
+        let mut records: Vec<Record> = (0..10_000u64)
+            .map(|i| Record::Dropped { at_ns: i, total: 0 })
+            .collect();
+        // Local inversions, as per-CPU buffers give.
+        for i in (0..records.len() - 3).step_by(7) {
+            records.swap(i, i + 3);
+        }
+        let (bytes, _) = framed(&records);
+        let mut reader = RecordingReader::from_bytes(&bytes).unwrap();
+        let ts: Vec<u64> = TimeOrdered::new(&mut reader).map(|r| r.ts_ns()).collect();
+        assert_eq!(ts, (0..10_000).collect::<Vec<_>>());
     }
 
     #[test]

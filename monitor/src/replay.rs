@@ -1,7 +1,8 @@
 //! `vm-monitor replay FILE`: feeds a daemon recording's policy inputs through a fresh
 //! [`Policy`] built from the recorded configuration and checks that every step returns exactly
 //! the actions (decisions included) the daemon recorded. Time comes only from the inputs'
-//! recorded `at`s, so the replay is deterministic.
+//! recorded `at`s, so the replay is deterministic. The recording streams through: only the
+//! policy's state and the first [`MAX_DIFFS`] diffs are held.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use crate::policy::Policy;
-use crate::record::{ActionRecord, Record, Recording};
+use crate::record::{ActionRecord, Header, Record, Recording, RecordingReader, missing_segments};
 
 /// Diffs kept in a report (all are counted).
 const MAX_DIFFS: usize = 20;
@@ -46,45 +47,55 @@ impl ReplayReport {
     }
 }
 
-/// Replays `rec`; `on_step` sees each step's replayed actions (for printing).
-pub fn replay(
-    rec: &Recording,
-    mut on_step: impl FnMut(&[ActionRecord]),
-) -> anyhow::Result<ReplayReport> {
-    if let Some(e) = &rec.header.policy_error {
-        bail!(
-            "the recorded policy configuration cannot be read by this vm-monitor ({e}); \
-             replay with the version that recorded it ({})",
-            rec.header.vm_monitor_version
-        );
+/// A fresh policy fed a recording's steps one record at a time.
+struct Replayer {
+    policy: Policy,
+    report: ReplayReport,
+}
+
+impl Replayer {
+    /// Refuses what cannot be replayed: no or unreadable configuration, a run that does not
+    /// start at segment 0 (`first_segment`) or has `missing` segments.
+    fn new(header: &Header, first_segment: Option<u32>, missing: &[u32]) -> anyhow::Result<Self> {
+        if let Some(e) = &header.policy_error {
+            bail!(
+                "the recorded policy configuration cannot be read by this vm-monitor ({e}); \
+                 replay with the version that recorded it ({})",
+                header.vm_monitor_version
+            );
+        }
+        let Some(cfg) = header.policy.clone() else {
+            bail!(
+                "this recording has no policy configuration ({} recording: events and readings \
+                 only); replay needs a daemon recording (`--record-dir`)",
+                header.source
+            );
+        };
+        if let Some(first) = first_segment
+            && first != 0
+        {
+            bail!(
+                "this recording starts at segment {first} of run {}; replay needs the run from \
+                 its start (segment 0 was deleted by the rolling budget or not passed)",
+                header.run_id
+            );
+        }
+        if !missing.is_empty() {
+            bail!(
+                "run {} is missing segment(s) {missing:?}; replay needs every segment",
+                header.run_id
+            );
+        }
+        let policy = Policy::new(cfg).context("the recorded policy configuration is invalid")?;
+        Ok(Replayer {
+            policy,
+            report: ReplayReport::default(),
+        })
     }
-    let Some(cfg) = rec.header.policy.clone() else {
-        bail!(
-            "this recording has no policy configuration ({} recording: events and readings \
-             only); replay needs a daemon recording (`--record-dir`)",
-            rec.header.source
-        );
-    };
-    if let Some(first) = rec.segments.first()
-        && first.segment != 0
-    {
-        bail!(
-            "this recording starts at segment {} of run {}; replay needs the run from its start \
-             (segment 0 was deleted by the rolling budget or not passed)",
-            first.segment,
-            rec.header.run_id
-        );
-    }
-    let missing = rec.missing_segments();
-    if !missing.is_empty() {
-        bail!(
-            "run {} is missing segment(s) {missing:?}; replay needs every segment",
-            rec.header.run_id
-        );
-    }
-    let mut policy = Policy::new(cfg).context("the recorded policy configuration is invalid")?;
-    let mut report = ReplayReport::default();
-    for record in &rec.records {
+
+    /// Feeds one record; `false` once the replay must stop.
+    fn feed(&mut self, record: &Record, on_step: &mut impl FnMut(&[ActionRecord])) -> bool {
+        let report = &mut self.report;
         let step = match record {
             Record::Step(s) => s,
             Record::Dropped { at_ns, total } => {
@@ -93,11 +104,12 @@ pub fn replay(
                      compared",
                     *at_ns as f64 / 1e9
                 ));
-                break;
+                return false;
             }
-            _ => continue,
+            _ => return true,
         };
-        let actions: Vec<ActionRecord> = policy
+        let actions: Vec<ActionRecord> = self
+            .policy
             .handle(step.input.clone())
             .iter()
             .map(ActionRecord::from)
@@ -120,11 +132,59 @@ pub fn replay(
             }
         }
         report.steps += 1;
+        true
     }
-    if report.steps == 0 && report.stopped.is_none() {
-        bail!("this recording holds no policy steps to replay");
+
+    fn finish(self) -> anyhow::Result<ReplayReport> {
+        if self.report.steps == 0 && self.report.stopped.is_none() {
+            bail!("this recording holds no policy steps to replay");
+        }
+        Ok(self.report)
     }
-    Ok(report)
+}
+
+/// Replays `rec`; `on_step` sees each step's replayed actions (for printing).
+pub fn replay(
+    rec: &Recording,
+    mut on_step: impl FnMut(&[ActionRecord]),
+) -> anyhow::Result<ReplayReport> {
+    let mut replayer = Replayer::new(
+        &rec.header,
+        rec.segments.first().map(|s| s.segment),
+        &rec.missing_segments(),
+    )?;
+    for record in &rec.records {
+        if !replayer.feed(record, &mut on_step) {
+            break;
+        }
+    }
+    replayer.finish()
+}
+
+/// Replays the recording `reader` streams, record by record, as [`replay`]. A segment of the
+/// run that cannot be opened stops the comparison there (the policy would miss its inputs).
+pub fn replay_reader(
+    reader: &mut RecordingReader<'_>,
+    mut on_step: impl FnMut(&[ActionRecord]),
+) -> anyhow::Result<ReplayReport> {
+    let missing = missing_segments(reader.planned_segments().iter().copied());
+    let first = reader.summary().segments.first().map(|s| s.segment);
+    let mut replayer = Replayer::new(reader.header(), first, &missing)?;
+    let skipped = reader.skipped_segments();
+    while let Some(record) = reader.next_record() {
+        if reader.skipped_segments() > skipped {
+            replayer.report.stopped = Some(
+                "a segment of the run could not be read (see the warnings); steps after it are \
+                 not compared"
+                    .to_string(),
+            );
+            break;
+        }
+        if !replayer.feed(&record, &mut on_step) {
+            break;
+        }
+    }
+    replayer.finish()
 }
 
 /// The diff of one step, `-` recorded, `+` replayed, ` ` same.
@@ -208,19 +268,16 @@ fn render_action(a: &ActionRecord, json: bool) -> Option<String> {
 
 /// The `replay` command.
 pub fn run(args: crate::cli::ReplayArgs) -> anyhow::Result<()> {
-    let rec = Recording::load(&args.file)?;
+    let mut reader = RecordingReader::open(&args.file)?;
     eprintln!(
         "replaying {}: {}",
         args.file.display(),
-        rec.header.describe()
+        reader.header().describe()
     );
-    for w in rec.warnings() {
-        eprintln!("warning: {w}");
-    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     // A closed pipe (`| head`) stops the listing, not the verdict.
     let mut out_error: Option<std::io::Error> = None;
-    let report = replay(&rec, |actions| {
+    let report = replay_reader(&mut reader, |actions| {
         if args.quiet || out_error.is_some() {
             return;
         }
@@ -230,7 +287,12 @@ pub fn run(args: crate::cli::ReplayArgs) -> anyhow::Result<()> {
                 return;
             }
         }
-    })?;
+    });
+    // Problems are known only once read; they are printed before the verdict.
+    for w in reader.summary().warnings() {
+        eprintln!("warning: {w}");
+    }
+    let report = report?;
     if out_error.is_none()
         && let Err(e) = out.flush()
     {

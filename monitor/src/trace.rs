@@ -15,7 +15,7 @@ use crate::cli::{ExportArgs, PlotArgs, TraceArgs, TraceCommand};
 use crate::pressure::ebpf::{EbpfOptions, EbpfPipeline, ProgramStats, program_stats};
 use crate::pressure::{PressureEvent, PressureKind, Tier, boottime_ns};
 use crate::record::{
-    CgroupInfo, Header, KernelKindCounters, ReadingRecord, Record, Recorder, Recording,
+    CgroupInfo, Header, KernelKindCounters, ReadSummary, ReadingRecord, Record, Recorder,
 };
 
 /// One event as printed with `--json` and written to `--output`.
@@ -375,18 +375,17 @@ impl LiveRecording {
     }
 }
 
-fn load_with_warnings(path: &std::path::Path) -> anyhow::Result<Recording> {
-    let rec = Recording::load(path)?;
-    for w in rec.warnings() {
-        eprintln!("warning: {}: {w}", path.display());
+/// Problems with a file already name it.
+fn print_warnings(read: &ReadSummary) {
+    for w in read.warnings() {
+        eprintln!("warning: {w}");
     }
-    Ok(rec)
 }
 
-/// `trace export FILE --perfetto OUT.json`.
+/// `trace export FILE --perfetto OUT.json`: streams, so any size of recording can be exported.
 fn export(args: &ExportArgs) -> anyhow::Result<()> {
-    let rec = load_with_warnings(&args.file)?;
-    let s = crate::export::write_perfetto(&rec, &args.perfetto)?;
+    let (s, read) = crate::export::export_file(&args.file, &args.perfetto)?;
+    print_warnings(&read);
     eprintln!(
         "wrote {}: {} reclaim slices, {} instants, {} counter samples (open it in the Perfetto \
          UI or chrome://tracing)",
@@ -395,13 +394,27 @@ fn export(args: &ExportArgs) -> anyhow::Result<()> {
         s.instants,
         s.counters
     );
+    if s.unnamed_tasks > 0 {
+        eprintln!(
+            "note: tasks beyond the first {} are exported without names",
+            crate::export::MAX_TASKS
+        );
+    }
     Ok(())
 }
 
 /// `trace plot FILE -o OUT.svg`.
 fn plot(args: &PlotArgs) -> anyhow::Result<()> {
-    let rec = load_with_warnings(&args.file)?;
-    crate::plot::write_svg(&rec, &args.output)?;
+    let (stats, read) = crate::plot::plot_file(&args.file, &args.output)?;
+    print_warnings(&read);
     eprintln!("wrote {}", args.output.display());
+    if stats.thinned {
+        eprintln!(
+            "note: series longer than {} points were thinned to at most {} points each \
+             (each stretch keeps its first, lowest, highest and last point)",
+            crate::plot::MAX_SERIES_POINTS / 2,
+            crate::plot::MAX_SERIES_POINTS
+        );
+    }
     Ok(())
 }
