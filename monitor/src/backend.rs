@@ -5,6 +5,8 @@
 //! backend signals "please upscale" by bumping a counter on a `watch` channel, which the
 //! current session turns into an `UpscaleRequest` frame.
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// A VM allocation as granted or targeted by the agent, already validated.
@@ -48,36 +50,32 @@ pub struct ScalingCall {
 pub struct BackendHandle {
     /// Scaling requests, handled by the backend strictly in arrival order.
     pub calls: mpsc::Sender<ScalingCall>,
-    /// Bumped each time the backend wants an `UpscaleRequest` sent (already rate limited).
+    /// Bumped each time the backend wants an `UpscaleRequest` sent (the policy's rate limit
+    /// applied: every bump is one frame).
     pub upscale_wanted: watch::Receiver<u64>,
+    /// The connection id of the agent session holding the seat, if any: the backend's policy
+    /// hears of every connect and disconnect (it repeats a current upscale to a reconnected
+    /// agent, which forgets everything on reconnect).
+    pub agent: Arc<watch::Sender<Option<u64>>>,
+}
+
+impl BackendHandle {
+    /// Session `conn` took the seat.
+    pub fn agent_connected(&self, conn: u64) {
+        self.agent.send_replace(Some(conn));
+    }
+
+    /// Session `conn` ended; no-op if another session holds the seat by now.
+    pub fn agent_gone(&self, conn: u64) {
+        self.agent.send_if_modified(|current| {
+            let ours = *current == Some(conn);
+            if ours {
+                *current = None;
+            }
+            ours
+        });
+    }
 }
 
 /// Status the reference monitor (and we) give when nothing is managed.
 pub const NOT_MANAGING_STATUS: &str = "monitor is not managing cgroup or file cache";
-
-/// Backend for a daemon started without `--cgroup` and `--pgconnstr`: it still serves the
-/// protocol (the reference panics here): upscales are confirmed, downscales approved.
-pub fn spawn_unmanaged() -> BackendHandle {
-    let (calls, mut rx) = mpsc::channel::<ScalingCall>(16);
-    // Never bumped: an unmanaged VM has nothing to ask for. The sender lives in the task so the
-    // receiver does not observe a closed channel.
-    let (wanted_tx, upscale_wanted) = watch::channel(0u64);
-    tokio::spawn(async move {
-        let _keep = wanted_tx;
-        while let Some(call) = rx.recv().await {
-            let outcome = match call.request {
-                ScalingRequest::Upscale { .. } => ScalingOutcome::UpscaleConfirmed,
-                ScalingRequest::Downscale { .. } => ScalingOutcome::Downscale {
-                    ok: true,
-                    status: NOT_MANAGING_STATUS.to_string(),
-                },
-            };
-            // The session may have gone away meanwhile; nothing to do then.
-            let _ = call.reply.send(outcome);
-        }
-    });
-    BackendHandle {
-        calls,
-        upscale_wanted,
-    }
-}

@@ -83,6 +83,7 @@ impl CgroupTarget {
 /// are read directly and parsed strictly: cgroups-rs' stat reader turns an unreadable or
 /// malformed file into zeros (the reference's silent "approve every downscale" failure), and
 /// it reads six files where a pressure event needs one.
+#[derive(Clone)]
 pub struct CgroupMemory {
     target: CgroupTarget,
     memory: cgroups_rs::fs::memory::MemController,
@@ -173,6 +174,43 @@ impl CgroupMemory {
                 max: None,
             })
             .with_context(|| format!("writing {value} to memory.high of {}", self.target.name))
+    }
+}
+
+/// Writes `memory.high` on a thread of its own. Lowering the limit makes the kernel reclaim
+/// down to it inside the write, which can take seconds; on the runtime thread that would stall
+/// health-check replies, the ring buffer and `/metrics` meanwhile. The thread sleeps in
+/// `recv` between writes (no wake-ups) and ends when the writer is dropped.
+pub struct HighWriter {
+    tx: std::sync::mpsc::Sender<(MemoryHigh, tokio::sync::oneshot::Sender<anyhow::Result<()>>)>,
+}
+
+impl HighWriter {
+    pub fn spawn(cgroup: CgroupMemory) -> anyhow::Result<HighWriter> {
+        let (tx, rx) = std::sync::mpsc::channel::<(
+            MemoryHigh,
+            tokio::sync::oneshot::Sender<anyhow::Result<()>>,
+        )>();
+        std::thread::Builder::new()
+            .name("memory.high".into())
+            .spawn(move || {
+                while let Ok((value, reply)) = rx.recv() {
+                    // The engine may have stopped waiting (shutdown); nothing to do then.
+                    let _ = reply.send(cgroup.set_high(value));
+                }
+            })
+            .context("starting the memory.high writer thread")?;
+        Ok(HighWriter { tx })
+    }
+
+    /// Writes `value` and waits for the result without blocking the calling thread.
+    pub async fn write(&self, value: MemoryHigh) -> anyhow::Result<()> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((value, reply))
+            .map_err(|_| anyhow::anyhow!("the memory.high writer thread is gone"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the memory.high writer thread dropped the write"))?
     }
 }
 

@@ -125,39 +125,52 @@ pub struct ServeArgs {
     pub policy: PolicyArgs,
 }
 
+/// The policy's own defaults: the flags show and use exactly these.
+fn defaults() -> crate::policy::Config {
+    crate::policy::Config::default()
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes / crate::policy::MIB
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Scaling constants; the defaults are the reference monitor's.
 #[derive(Debug, Args, Clone)]
 #[command(next_help_heading = "Scaling policy")]
 pub struct PolicyArgs {
     /// Request an upscale when non-reclaimable memory reaches this fraction of usable memory.
-    #[arg(long, default_value_t = 0.85)]
+    #[arg(long, default_value_t = defaults().upscale_threshold_fraction)]
     pub upscale_threshold: f64,
     /// Memory kept back for the system: usable = allocation − this (MiB).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = mib(defaults().sys_buffer))]
     pub sys_buffer_mib: u64,
     /// A downscale must leave the new threshold this far above usage (MiB).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = mib(defaults().downscale_buffer))]
     pub downscale_buffer_mib: u64,
     /// File cache at most this fraction of usable memory.
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = defaults().file_cache.resource_multiplier)]
     pub file_cache_multiplier: f64,
     /// File cache at most (usable − min remaining) / (1 + this).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = defaults().file_cache.spread_factor)]
     pub file_cache_spread: f64,
     /// Memory left outside the file cache (MiB).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = mib(defaults().file_cache.min_remaining_after_cache))]
     pub file_cache_min_remaining_mib: u64,
     /// Minimum spacing of UpscaleRequests (ms).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = ms(defaults().upscale_min_interval))]
     pub upscale_interval_ms: u64,
     /// While an upscale is pending and pressure continues, raise memory.high by this (MiB)...
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = mib(defaults().memory_high_step))]
     pub memory_high_step_mib: u64,
     /// ...at most this often (ms).
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = ms(defaults().memory_high_step_every))]
     pub memory_high_step_ms: u64,
     /// A guest-wide direct-reclaim stall at least this long requests an upscale (ms).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = ms(defaults().direct_reclaim_stall))]
     pub direct_reclaim_stall_ms: u64,
     /// Timeout of each Postgres statement (ms).
     #[arg(long, default_value_t = 2000)]
@@ -278,5 +291,24 @@ mod seconds_tests {
         ] {
             assert!(parse_seconds(bad).is_err(), "{bad} accepted");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_defaults_are_the_policys_defaults() {
+        let cli = Cli::try_parse_from(["vm-monitor"]).expect("no flags parse");
+        let cfg = crate::daemon::policy_config(&cli.serve).expect("defaults are valid");
+        let expected = crate::policy::Config {
+            // What the flags decide besides the constants: nothing is managed without
+            // --cgroup/--pgconnstr.
+            manage_cgroup: false,
+            manage_file_cache: false,
+            ..crate::policy::Config::default()
+        };
+        assert_eq!(cfg, expected);
     }
 }

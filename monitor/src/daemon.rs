@@ -8,7 +8,6 @@ use anyhow::{Context as _, bail};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::backend;
 use crate::cgroup::{CgroupMemory, CgroupTarget};
 use crate::cli::{ServeArgs, SignalChoice};
 use crate::decisions::{self, DecisionLog};
@@ -266,10 +265,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let listener = crate::server::bind(&args.addr).await?;
-    let local = listener
-        .local_addr()
-        .context("reading the listener's address")?;
+    // Bound now (a port in use fails the start), listening only once the daemon can serve:
+    // until then the agent's connection is refused and retried, not accepted and left
+    // waiting past its handshake deadline while the programs load.
+    let bound = crate::server::bind_only(&args.addr).await?;
+    let local = bound.local_addr();
     let metrics_listener = match &args.metrics_addr {
         Some(addr) => Some(
             crate::server::bind_for(addr, "serving /metrics and /debug/decisions")
@@ -291,18 +291,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (decision_tx, decision_rx) = mpsc::unbounded_channel();
     decisions::spawn_collector(decision_rx, decision_log.clone(), Some(metrics.clone()));
 
-    let (backend, engine, _source) = if cgroup.is_none() && file_cache.is_none() {
-        info!(addr = %local, "server bound; not managing a cgroup or file cache");
-        metrics.set_tier(None);
-        decision_log.set_tier(None);
-        // No policy here; the instrumented backend records the approvals it gives.
-        let backend = metrics::instrument_backend(
-            backend::spawn_unmanaged(),
-            metrics.clone(),
-            Some(decision_tx),
-        );
-        (backend, None, None)
-    } else {
+    // Nothing managed (no --cgroup, no --pgconnstr) runs the same engine and policy: the
+    // policy confirms upscales and approves downscales with the reference's status.
+    if cgroup.is_none() && file_cache.is_none() {
+        info!(addr = %local, "not managing a cgroup or file cache");
+    }
+    let (backend, engine, _source) = {
         let mut growth_hint = None;
         let (pressure, source, tier) = match &target {
             Some(t) => {
@@ -358,8 +352,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         };
         let handle = engine::spawn(parts, pressure, shutdown_rx.clone(), Some(decision_tx));
         info!(addr = %local, cgroup = ?args.cgroup, file_cache = pgconnstr.is_some(), "server bound");
-        let backend = metrics::instrument_backend(handle.backend, metrics.clone(), None);
-        (backend, Some(handle.task), source)
+        (handle.backend, handle.task, source)
     };
 
     let limits = crate::admission::Limits {
@@ -400,13 +393,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         app = app.merge(observability);
     }
+    let listener = crate::server::listen(bound, "listening for the autoscaler-agent")?;
     let mut server_shutdown = shutdown_rx.clone();
     let server = crate::server::serve_router(listener, app, sessions, admission, async move {
         let _ = server_shutdown.wait_for(|stop| *stop).await;
     });
     let served = server.await;
-    if let Some(task) = engine {
-        task.await.context("engine task panicked")??;
-    }
+    engine.await.context("engine task panicked")??;
     served
 }

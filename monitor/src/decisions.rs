@@ -5,16 +5,15 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::{Query, State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::backend::{ScalingOutcome, ScalingRequest};
 use crate::metrics::Metrics;
-use crate::policy::{Decision, DecisionKind, Input};
+use crate::policy::{Decision, DecisionKind};
 use crate::pressure::Tier;
 
 /// Decisions kept by the daemon.
@@ -185,55 +184,10 @@ pub fn kind_name(kind: DecisionKind) -> &'static str {
     }
 }
 
-/// The record for an answer of the unmanaged backend (no cgroup, no Postgres): it has no
-/// policy, but its approvals are decisions all the same.
-pub fn unmanaged_decision(
-    at: Duration,
-    request: ScalingRequest,
-    outcome: &ScalingOutcome,
-) -> Decision {
-    let input = match request {
-        ScalingRequest::Upscale { granted } => Input::UpscaleNotification {
-            at,
-            granted_mem: granted.mem_bytes,
-        },
-        ScalingRequest::Downscale { target } => Input::DownscaleRequest {
-            at,
-            target_mem: target.mem_bytes,
-        },
-    };
-    let (kind, detail) = match outcome {
-        ScalingOutcome::UpscaleConfirmed => (
-            DecisionKind::UpscaleApplied,
-            format!("confirmed; {}", crate::backend::NOT_MANAGING_STATUS),
-        ),
-        ScalingOutcome::Downscale { ok: true, status } => {
-            (DecisionKind::DownscaleApproved, status.clone())
-        }
-        ScalingOutcome::Downscale { ok: false, status } => {
-            (DecisionKind::DownscaleDenied, status.clone())
-        }
-        ScalingOutcome::InternalError(e) => (DecisionKind::ScalingFailed, e.clone()),
-    };
-    Decision {
-        at,
-        kind,
-        input: input.describe(),
-        reading: None,
-        current: None,
-        peak: None,
-        threshold: 0,
-        usable: 0,
-        memory_high: None,
-        file_cache: None,
-        suppressed: 0,
-        detail,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn decision(n: u64) -> Decision {
         Decision {

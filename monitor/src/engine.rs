@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::backend::{BackendHandle, ScalingCall, ScalingOutcome, ScalingRequest};
-use crate::cgroup::CgroupMemory;
+use crate::cgroup::{CgroupMemory, HighWriter};
 use crate::filecache::FileCache;
 use crate::logging::warn_limited;
 use crate::metrics::Metrics;
@@ -61,7 +61,16 @@ pub fn spawn(
 ) -> EngineHandle {
     let (calls_tx, calls_rx) = mpsc::channel(64);
     let (wanted_tx, wanted_rx) = watch::channel(0u64);
+    let (agent_tx, agent_rx) = watch::channel(None);
+    let high_writer = parts.cgroup.as_ref().and_then(|cg| {
+        HighWriter::spawn(cg.clone())
+            .map_err(|err| {
+                warn!(error = %format!("{err:#}"), "memory.high is written on the runtime thread instead");
+            })
+            .ok()
+    });
     let engine = Engine {
+        high_writer,
         policy: parts.policy,
         cgroup: parts.cgroup,
         file_cache: parts.file_cache,
@@ -79,12 +88,14 @@ pub fn spawn(
         read_now: false,
         last_burst_reading: None,
         recheck_at: None,
+        agent_seen: None,
     };
-    let task = tokio::spawn(engine.run(parts.mem_total, pressure, calls_rx, shutdown));
+    let task = tokio::spawn(engine.run(parts.mem_total, pressure, calls_rx, agent_rx, shutdown));
     EngineHandle {
         backend: BackendHandle {
             calls: calls_tx,
             upscale_wanted: wanted_rx,
+            agent: std::sync::Arc::new(agent_tx),
         },
         task,
     }
@@ -93,13 +104,15 @@ pub fn spawn(
 struct Engine {
     policy: Policy,
     cgroup: Option<CgroupMemory>,
+    /// Writes memory.high off the runtime thread (see [`HighWriter`]).
+    high_writer: Option<HighWriter>,
     file_cache: Option<FileCache>,
     /// `FileCache::generation` last announced to the policy.
     fc_generation: u64,
     /// When to try reaching Postgres again after it went away (boot-clock ns).
     fc_retry_at: Option<u64>,
-    /// Reply slots of requests the policy has not answered yet, oldest first.
-    replies: VecDeque<oneshot::Sender<ScalingOutcome>>,
+    /// Requests the policy has not answered yet, with their reply slots, oldest first.
+    replies: VecDeque<(ScalingRequest, oneshot::Sender<ScalingOutcome>)>,
     wanted: watch::Sender<u64>,
     /// Policy-requested tick (boot-clock ns).
     tick_at: Option<u64>,
@@ -118,6 +131,8 @@ struct Engine {
     last_burst_reading: Option<(std::time::Instant, u64)>,
     /// Policy-requested fresh reading while usage stays over the threshold (boot-clock ns).
     recheck_at: Option<u64>,
+    /// The agent session the policy was last told about.
+    agent_seen: Option<u64>,
 }
 
 fn now() -> Duration {
@@ -143,6 +158,7 @@ impl Engine {
         mem_total: u64,
         mut pressure: Option<mpsc::Receiver<PressureEvent>>,
         mut calls: mpsc::Receiver<ScalingCall>,
+        mut agent: watch::Receiver<Option<u64>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         // A reading first so the startup memory.high is never below current usage; Start then
@@ -153,9 +169,14 @@ impl Engine {
             mem_total,
         })
         .await;
+        // No agent yet: the policy keeps its wishes for the first one to connect.
+        let current = *agent.borrow_and_update();
+        self.feed(Input::AgentDisconnected { at: now() }).await;
+        self.agent_changed(current).await;
         self.connect_file_cache().await;
 
         let mut burst = Vec::with_capacity(MAX_BURST);
+        let mut agent_open = true;
         loop {
             // Once per wake-up, not per input: a burst of events shares one reading, and
             // re-arming is a syscall.
@@ -172,6 +193,14 @@ impl Engine {
                         Some(call) => self.handle_call(call).await,
                         None => break, // server gone
                     }
+                }
+                changed = agent.changed(), if agent_open => {
+                    if changed.is_err() {
+                        agent_open = false;
+                        continue;
+                    }
+                    let current = *agent.borrow_and_update();
+                    self.agent_changed(current).await;
                 }
                 n = recv_burst(&mut pressure, &mut burst) => {
                     if n == 0 {
@@ -201,15 +230,44 @@ impl Engine {
         self.shut_down(&mut calls).await
     }
 
+    /// Tells the policy about a change of the agent session holding the seat (a replacement
+    /// is a disconnect and a connect: the new agent knows nothing of earlier requests).
+    async fn agent_changed(&mut self, current: Option<u64>) {
+        if current == self.agent_seen {
+            return;
+        }
+        if self.agent_seen.is_some() {
+            self.feed(Input::AgentDisconnected { at: now() }).await;
+        }
+        self.agent_seen = current;
+        if current.is_some() {
+            self.feed(Input::AgentConnected { at: now() }).await;
+        }
+    }
+
+    /// Sends the policy's answer to the oldest open request, counting it in the metrics.
+    fn reply(&mut self, outcome: ScalingOutcome) {
+        match self.replies.pop_front() {
+            Some((request, slot)) => {
+                if let Some(m) = &self.metrics {
+                    m.scaling_outcome(&request, Some(&outcome));
+                }
+                // The session may have timed out and gone; nothing to do then.
+                let _ = slot.send(outcome);
+            }
+            None => warn!(?outcome, "policy replied with no request pending"),
+        }
+    }
+
     async fn shut_down(&mut self, calls: &mut mpsc::Receiver<ScalingCall>) -> anyhow::Result<()> {
         calls.close();
         while let Ok(call) = calls.try_recv() {
-            self.replies.push_back(call.reply);
+            self.replies.push_back((call.request, call.reply));
         }
         self.feed(Input::Shutdown { at: now() }).await;
         // Requests that slipped in before `close` were queued above; the policy answers them.
-        while let Some(reply) = self.replies.pop_front() {
-            let _ = reply.send(ScalingOutcome::InternalError(
+        while !self.replies.is_empty() {
+            self.reply(ScalingOutcome::InternalError(
                 crate::policy::SHUTTING_DOWN.to_string(),
             ));
         }
@@ -229,7 +287,7 @@ impl Engine {
     }
 
     async fn handle_call(&mut self, call: ScalingCall) {
-        self.replies.push_back(call.reply);
+        self.replies.push_back((call.request, call.reply));
         // Decide on fresh numbers: on the event-driven tiers the last reading can be from the
         // last pressure burst, long before memory was freed, and memory.high is never set below
         // it.
@@ -402,9 +460,7 @@ impl Engine {
                     if let Some(m) = &self.metrics {
                         m.upscale_requested(trigger_at);
                     }
-                    // Let the session send the frame before the memory.high writes that usually
-                    // follow: the kernel reclaims synchronously in the writer, and the woken
-                    // session would otherwise wait behind it on this worker.
+                    // Let the woken session send the frame before this step goes on.
                     tokio::task::yield_now().await;
                 }
                 Action::SetFileCache { bytes } => {
@@ -416,9 +472,10 @@ impl Engine {
                     }));
                 }
                 Action::SetMemoryHigh { value } => {
-                    let result = match &self.cgroup {
-                        Some(cg) => cg.set_high(value).map_err(|e| format!("{e:#}")),
-                        None => Err("no cgroup is managed".to_string()),
+                    let result = match (&self.high_writer, &self.cgroup) {
+                        (Some(w), _) => w.write(value).await.map_err(|e| format!("{e:#}")),
+                        (None, Some(cg)) => cg.set_high(value).map_err(|e| format!("{e:#}")),
+                        (None, None) => Err("no cgroup is managed".to_string()),
                     };
                     match &result {
                         Ok(()) => debug!(%value, "memory.high written"),
@@ -431,13 +488,7 @@ impl Engine {
                         result,
                     }));
                 }
-                Action::Reply(outcome) => match self.replies.pop_front() {
-                    Some(slot) => {
-                        // The session may have timed out and gone; nothing to do then.
-                        let _ = slot.send(outcome);
-                    }
-                    None => warn!(?outcome, "policy replied with no request pending"),
-                },
+                Action::Reply(outcome) => self.reply(outcome),
                 Action::ScheduleTick { at } => {
                     self.tick_at = Some(u64::try_from(at.as_nanos()).unwrap_or(u64::MAX));
                 }

@@ -21,8 +21,9 @@ fn main() -> std::process::ExitCode {
     }
     // One thread runs everything: the event path (ring buffer → engine → websocket) never
     // crosses threads, and an idle daemon wakes once per agent health check, not once per
-    // worker. Nothing here blocks for long: cgroup files are small, Postgres is async, and
-    // the recorder writes on its own thread.
+    // worker. Nothing here blocks for long: memory.high is written on a thread of its own
+    // (lowering it reclaims inside the write), cgroup reads are small files, Postgres is
+    // async, and the recorder writes on its own thread.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -25,11 +25,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::sync::{mpsc, oneshot};
-use tracing::info;
 
-use crate::backend::{BackendHandle, ScalingCall, ScalingOutcome, ScalingRequest};
-use crate::engine::DecisionSink;
+use crate::backend::{ScalingOutcome, ScalingRequest};
 use crate::memstat::MemoryHigh;
 use crate::policy::{DecisionKind, Input, Policy};
 use crate::pressure::ebpf::{CounterReader, ProgramStats};
@@ -717,58 +714,6 @@ fn encode_kernel(enc: &mut DescriptorEncoder, kernel: &dyn KernelSource) -> fmt:
     Ok(())
 }
 
-/// Wraps `inner` so every answered agent request is counted (and, for an unmanaged daemon,
-/// which has no policy, recorded in the decision log through `unmanaged`). Calls are forwarded
-/// in arrival order; the upscale signal is passed through untouched.
-pub fn instrument_backend(
-    inner: BackendHandle,
-    metrics: Metrics,
-    unmanaged: Option<DecisionSink>,
-) -> BackendHandle {
-    let (calls, mut rx) = mpsc::channel::<ScalingCall>(inner.calls.max_capacity());
-    let upscale_wanted = inner.upscale_wanted.clone();
-    tokio::spawn(async move {
-        while let Some(ScalingCall { request, reply }) = rx.recv().await {
-            let (tx, answer) = oneshot::channel();
-            if inner
-                .calls
-                .send(ScalingCall { request, reply: tx })
-                .await
-                .is_err()
-            {
-                // Backend gone: dropping `rx` makes later calls fail as they would unwrapped.
-                metrics.scaling_outcome(&request, None);
-                break;
-            }
-            let metrics = metrics.clone();
-            let unmanaged = unmanaged.clone();
-            // Wait for the answer off the forwarding loop, so a slow request does not hold up
-            // the next one reaching the backend's queue.
-            tokio::spawn(async move {
-                let outcome = answer.await.ok();
-                metrics.scaling_outcome(&request, outcome.as_ref());
-                if let Some(outcome) = outcome {
-                    if let Some(sink) = &unmanaged {
-                        let d = crate::decisions::unmanaged_decision(
-                            Duration::from_nanos(boottime_ns()),
-                            request,
-                            &outcome,
-                        );
-                        info!(decision = %serde_json::to_string(&d).unwrap_or_default(), "decision");
-                        let _ = sink.send(d);
-                    }
-                    // The session may have timed out and gone; nothing to do then.
-                    let _ = reply.send(outcome);
-                }
-            });
-        }
-    });
-    BackendHandle {
-        calls,
-        upscale_wanted,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1035,50 +980,5 @@ mod tests {
         // OpenMetrics on request.
         let om = m.encode(true).expect("encodes");
         assert!(om.ends_with("# EOF\n"), "{om}");
-    }
-
-    #[tokio::test]
-    async fn instrumented_backend_counts_and_records_unmanaged_decisions() {
-        let m = Metrics::new();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let backend = instrument_backend(crate::backend::spawn_unmanaged(), m.clone(), Some(tx));
-        let target = Resources {
-            cpu: 1.0,
-            mem_bytes: 1 << 30,
-        };
-        for request in [
-            ScalingRequest::Downscale { target },
-            ScalingRequest::Upscale { granted: target },
-        ] {
-            let (reply, answer) = oneshot::channel();
-            backend
-                .calls
-                .send(ScalingCall { request, reply })
-                .await
-                .expect("backend running");
-            answer.await.expect("answered");
-        }
-        let d = rx.recv().await.expect("decision");
-        assert_eq!(d.kind, DecisionKind::DownscaleApproved);
-        assert_eq!(d.input, "downscale request target=1024 MiB");
-        let d = rx.recv().await.expect("decision");
-        assert_eq!(d.kind, DecisionKind::UpscaleApplied);
-        let s = parse(&m.encode(false).expect("encodes"));
-        assert_eq!(
-            value(
-                &s,
-                "vm_monitor_downscale_requests_total",
-                &[("result", "approved")]
-            ),
-            Some(1.0)
-        );
-        assert_eq!(
-            value(
-                &s,
-                "vm_monitor_upscale_notifications_total",
-                &[("result", "confirmed")]
-            ),
-            Some(1.0)
-        );
     }
 }

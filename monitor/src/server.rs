@@ -171,14 +171,34 @@ async fn monitor_ws(
         .on_upgrade(move |socket| session::run(socket, ctx, slot))
 }
 
-/// Binds the listen address. `addr` is `IP:port` or `host:port` (resolved; every resolved
-/// address is tried in turn).
+/// Binds and listens on the address. `addr` is `IP:port` or `host:port` (resolved; every
+/// resolved address is tried in turn).
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    bind_for(addr, "listening for the autoscaler-agent").await
+    let bound = bind_only(addr).await?;
+    listen(bound, "listening for the autoscaler-agent")
 }
 
 /// [`bind`], logging `what` with the bound address.
 pub async fn bind_for(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    listen(bind_only(addr).await?, what)
+}
+
+/// A socket bound to the listen address but not listening yet: the address is claimed (a
+/// port in use is a start-up error), while connections are refused, not left waiting, until
+/// [`listen`] once the daemon can serve them.
+pub struct Bound {
+    socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Binds without listening; see [`Bound`].
+pub async fn bind_only(addr: &str) -> anyhow::Result<Bound> {
     let candidates: Vec<SocketAddr> = tokio::net::lookup_host(addr)
         .await
         .with_context(|| {
@@ -190,16 +210,37 @@ pub async fn bind_for(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     }
     let mut errors = Vec::new();
     for candidate in &candidates {
-        match TcpListener::bind(candidate).await {
-            Ok(listener) => {
-                let local = listener.local_addr().unwrap_or(*candidate);
-                info!(addr = %local, "{what}");
-                return Ok(listener);
-            }
+        let attempt = (|| {
+            let socket = if candidate.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            // As std's TcpListener does: a restart need not wait out TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            socket.bind(*candidate)?;
+            let local = socket.local_addr()?;
+            std::io::Result::Ok(Bound {
+                socket,
+                addr: local,
+            })
+        })();
+        match attempt {
+            Ok(bound) => return Ok(bound),
             Err(e) => errors.push(format!("{candidate}: {e}")),
         }
     }
     bail!("cannot bind listen address {addr:?}: {}", errors.join("; "))
+}
+
+/// Starts listening on a [`Bound`] socket, logging `what` with the address.
+pub fn listen(bound: Bound, what: &str) -> anyhow::Result<TcpListener> {
+    let listener = bound
+        .socket
+        .listen(1024)
+        .with_context(|| format!("listening on {}", bound.addr))?;
+    info!(addr = %bound.addr, "{what}");
+    Ok(listener)
 }
 
 /// Serves `app` (built from [`router`], possibly with more routes) on `listener` until

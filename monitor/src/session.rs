@@ -60,9 +60,6 @@ pub struct SessionConfig {
     pub close_timeout: Duration,
     /// Largest accepted message (and frame); bigger ones close the session with 1009.
     pub max_message_size: usize,
-    /// Minimum spacing of our `UpscaleRequest`s (the reference's 1/s), even if the backend
-    /// asks more often; asks in between are coalesced into one.
-    pub min_upscale_request_interval: Duration,
 }
 
 impl Default for SessionConfig {
@@ -72,7 +69,6 @@ impl Default for SessionConfig {
             backend_timeout: Duration::from_secs(4),
             close_timeout: Duration::from_secs(2),
             max_message_size: MAX_MESSAGE,
-            min_upscale_request_interval: Duration::from_secs(1),
         }
     }
 }
@@ -355,6 +351,11 @@ pub async fn run(socket: WebSocket, ctx: SessionContext, slot: HandshakeSlot) {
 async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64, slot: HandshakeSlot) {
     let cfg = &ctx.config;
     let mut shutdown = ctx.sessions.shutdown.subscribe();
+    // Wishes raised before this session took the seat are not ours to send: the backend hears
+    // of the new session and decides itself whether a request is still due (it is marked seen
+    // here, before the seat is taken, so that the backend's answer to the connect is not lost).
+    let mut wanted = ctx.backend.upscale_wanted.clone();
+    wanted.borrow_and_update();
     debug!("websocket connection accepted, waiting for protocol version range");
 
     let outcome = tokio::select! {
@@ -394,7 +395,8 @@ async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64, slot:
     };
 
     let (sink, stream) = socket.split();
-    established(sink, stream, kill, seat, shutdown, ctx).await;
+    established(sink, stream, kill, seat, wanted, shutdown, ctx).await;
+    ctx.backend.agent_gone(conn);
 }
 
 const SHUTDOWN_REASON: &str = "vm-monitor is shutting down";
@@ -491,7 +493,9 @@ async fn handshake(socket: &mut WebSocket, ctx: &SessionContext, conn: u64) -> H
                 };
             }
         };
+        ctx.backend.agent_connected(conn);
         if let Err(e) = socket.send(Message::Text(reply.to_json().into())).await {
+            ctx.backend.agent_gone(conn);
             return HandshakeOutcome::Gone(format!("write error: {e}"));
         }
         let version = reply.version.unwrap_or(protocol::PROTOCOL_V1_0);
@@ -565,6 +569,7 @@ async fn established(
     mut stream: SplitStream<WebSocket>,
     mut kill: oneshot::Receiver<()>,
     seat: SeatHandle,
+    mut wanted: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
     ctx: &SessionContext,
 ) {
@@ -587,14 +592,7 @@ async fn established(
         .in_current_span(),
     );
 
-    let mut wanted = ctx.backend.upscale_wanted.clone();
-    // A request raised before this session existed is stale: the agent resets its state on
-    // connect and the backend will ask again if pressure persists.
-    wanted.borrow_and_update();
     let mut wanted_open = true;
-    let mut upscale_pending = false;
-    let mut upscale_not_before = tokio::time::Instant::now();
-    let mut upscale_coalesced: u64 = 0;
     let mut last_monitor_id: u64 = 1;
     let mut binary_frames: u64 = 0;
 
@@ -617,18 +615,9 @@ async fn established(
                     continue;
                 }
                 wanted.borrow_and_update();
-                if upscale_pending {
-                    upscale_coalesced += 1;
-                }
-                upscale_pending = true;
-            }
-            _ = tokio::time::sleep_until(upscale_not_before), if upscale_pending => {
-                upscale_pending = false;
-                upscale_not_before =
-                    tokio::time::Instant::now() + cfg.min_upscale_request_interval;
+                // Every wish is one frame: the policy spaces them (`--upscale-interval-ms`).
                 last_monitor_id += 2;
-                info!(id = last_monitor_id, coalesced = upscale_coalesced, "requesting upscale from agent");
-                upscale_coalesced = 0;
+                info!(id = last_monitor_id, "requesting upscale from agent");
                 let msg = MonitorMessage::new(last_monitor_id, MonitorBody::UpscaleRequest);
                 if !queue(&out_tx, msg).await {
                     break End::Gone;
@@ -947,6 +936,7 @@ mod tests {
         addr: SocketAddr,
         calls: mpsc::Receiver<ScalingCall>,
         wanted: watch::Sender<u64>,
+        agent: watch::Receiver<Option<u64>>,
         sessions: Arc<Sessions>,
         shutdown: Option<oneshot::Sender<()>>,
         served: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -955,9 +945,11 @@ mod tests {
     async fn start(config: SessionConfig) -> TestServer {
         let (calls_tx, calls) = mpsc::channel(16);
         let (wanted, wanted_rx) = watch::channel(0u64);
+        let (agent_tx, agent) = watch::channel(None);
         let backend = BackendHandle {
             calls: calls_tx,
             upscale_wanted: wanted_rx,
+            agent: Arc::new(agent_tx),
         };
         let listener = server::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -981,6 +973,7 @@ mod tests {
             addr,
             calls,
             wanted,
+            agent,
             sessions,
             shutdown: Some(tx),
             served,
@@ -1114,31 +1107,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn upscale_requests_are_spaced_and_coalesced() {
-        let config = SessionConfig {
-            min_upscale_request_interval: Duration::from_millis(300),
-            ..SessionConfig::default()
-        };
-        let srv = start(config).await;
+    async fn every_upscale_wish_is_one_request_and_the_backend_hears_of_the_session() {
+        let mut srv = start(SessionConfig::default()).await;
         let mut ws = connect(srv.addr).await;
-        srv.wanted.send_replace(1);
-        assert_eq!(
-            next_text(&mut ws).await,
-            r#"{"type":"UpscaleRequest","id":3}"#
-        );
-        // Three more asks inside the interval become one request.
-        for n in 2..5 {
+        let conn = srv.sessions.current().expect("a current session");
+        assert_eq!(*srv.agent.borrow_and_update(), Some(conn));
+        // No spacing of its own: the backend's policy rate-limits the wishes.
+        for (n, id) in [(1, 3), (2, 5), (3, 7)] {
             srv.wanted.send_replace(n);
-            tokio::task::yield_now().await;
+            assert_eq!(
+                next_text(&mut ws).await,
+                format!(r#"{{"type":"UpscaleRequest","id":{id}}}"#)
+            );
         }
+        // A replacing session is announced; the replaced one's end does not undo that.
+        let mut ws2 = connect(srv.addr).await;
+        let conn2 = srv.sessions.current().expect("a current session");
+        assert_ne!(conn2, conn);
+        let _ = next_frame(&mut ws).await; // the old session's close
+        send(&mut ws2, r#"{"content":{},"type":"HealthCheck","id":2}"#).await;
         assert_eq!(
-            next_text(&mut ws).await,
-            r#"{"type":"UpscaleRequest","id":5}"#
+            next_text(&mut ws2).await,
+            r#"{"type":"HealthCheck","id":2}"#
         );
-        // Nothing else follows once the interval has passed without new asks.
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        send(&mut ws, r#"{"content":{},"type":"HealthCheck","id":2}"#).await;
-        assert_eq!(next_text(&mut ws).await, r#"{"type":"HealthCheck","id":2}"#);
+        assert_eq!(*srv.agent.borrow_and_update(), Some(conn2));
+        // The session's end is announced too.
+        drop(ws2);
+        tokio::time::timeout(AGENT_TIMEOUT, srv.agent.wait_for(|a| a.is_none()))
+            .await
+            .expect("the backend hears the session end")
+            .unwrap();
     }
 
     #[tokio::test]

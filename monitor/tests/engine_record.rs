@@ -60,6 +60,8 @@ async fn engine_recording_replays_identically() {
         None,
     );
     let mut wanted = handle.backend.upscale_wanted.clone();
+    // As a session would on taking the seat: the policy sends requests only to an agent.
+    handle.backend.agent_connected(1);
     let calls = handle.backend.calls.clone();
 
     // Quiet, then over the threshold (0.85 · 4 GiB): one UpscaleRequest.

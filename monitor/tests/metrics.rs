@@ -86,6 +86,8 @@ async fn engine_feeds_metrics_and_the_decision_log() {
         Some(decision_tx),
     );
     let mut wanted = handle.backend.upscale_wanted.clone();
+    // As a session would on taking the seat: the policy sends requests only to an agent.
+    handle.backend.agent_connected(1);
 
     // A kernel record standing for 3 coalesced hits (no reading: no cgroup), then a poll
     // sample over the threshold, which asks for an upscale.

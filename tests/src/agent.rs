@@ -716,7 +716,8 @@ async fn dial(shared: &Arc<Shared>, started: Instant) -> anyhow::Result<Arc<Conn
 }
 
 async fn handshake(shared: &Arc<Shared>, no: u32, url: &str) -> anyhow::Result<(Ws, Option<u64>)> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+    // Nagle off, as Go's net package leaves every TCP connection (the real agent's too).
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let range = r#"{"min":1,"max":1}"#;

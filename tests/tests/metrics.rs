@@ -95,10 +95,11 @@ async fn metrics_and_decisions_follow_an_agent_session() {
             .any(|x| x.metric == "vm_monitor_reaction_latency_seconds"),
         "latency histogram exported from the start"
     );
+    // The same engine and policy run with nothing to manage: only the start-up decision.
     let page = decisions(d.addr, "").await;
-    assert_eq!(page["total"], 0);
+    assert_eq!(page["total"], 1, "{page}");
     assert_eq!(page["capacity"], 1024);
-    assert_eq!(page["decisions"], Value::Array(vec![]));
+    assert_eq!(page["decisions"][0]["kind"], "startup", "{page}");
 
     let agent = FakeAgent::connect(AgentConfig::new(d.ws_url()))
         .await
@@ -161,25 +162,26 @@ async fn metrics_and_decisions_follow_an_agent_session() {
         Some(0.0)
     );
 
-    // The decision log: both answers, oldest first, with their inputs.
+    // The decision log: the start-up, then both answers, oldest first, with their inputs.
     let page = decisions(d.addr, "").await;
-    assert_eq!(page["total"], 2, "{page}");
+    assert_eq!(page["total"], 3, "{page}");
     let list = page["decisions"].as_array().expect("decisions array");
-    assert_eq!(list.len(), 2, "{page}");
-    assert_eq!(list[0]["seq"], 1);
-    assert_eq!(list[0]["kind"], "downscale_approved");
-    assert_eq!(list[0]["input"], "downscale request target=3072 MiB");
-    assert_eq!(list[0]["detail"], NOT_MANAGING);
-    assert_eq!(list[0]["tier"], Value::Null, "no cgroup watched");
-    assert!(list[0]["at_ns"].as_u64().is_some_and(|ns| ns > 0));
+    assert_eq!(list.len(), 3, "{page}");
+    assert_eq!(list[0]["kind"], "startup");
     assert_eq!(list[1]["seq"], 2);
-    assert_eq!(list[1]["kind"], "upscale_applied");
-    assert_eq!(list[1]["input"], "upscale notification granted=4096 MiB");
+    assert_eq!(list[1]["kind"], "downscale_approved");
+    assert_eq!(list[1]["input"], "downscale request target=3072 MiB");
+    assert_eq!(list[1]["detail"], NOT_MANAGING);
+    assert_eq!(list[1]["tier"], Value::Null, "no cgroup watched");
+    assert!(list[1]["at_ns"].as_u64().is_some_and(|ns| ns > 0));
+    assert_eq!(list[2]["seq"], 3);
+    assert_eq!(list[2]["kind"], "upscale_applied");
+    assert_eq!(list[2]["input"], "upscale notification granted=4096 MiB");
 
     let newest = decisions(d.addr, "?limit=1").await;
     let newest = newest["decisions"].as_array().expect("decisions array");
     assert_eq!(newest.len(), 1);
-    assert_eq!(newest[0]["seq"], 2, "limit keeps the newest");
+    assert_eq!(newest[0]["seq"], 3, "limit keeps the newest");
     let bad = get(d.addr, "/debug/decisions?limit=many", None)
         .await
         .expect("GET");
@@ -240,7 +242,7 @@ async fn metrics_addr_and_json_logs() {
     assert_ne!(maddr, d.addr);
     let s = scrape(maddr).await;
     assert_eq!(value(&s, "vm_monitor_agent_connected", &[]), Some(0.0));
-    assert_eq!(decisions(maddr, "").await["total"], 0);
+    assert_eq!(decisions(maddr, "").await["total"], 1, "the start-up decision");
     let health = get(maddr, "/healthz", None).await.expect("GET /healthz");
     assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
     let ws = get(maddr, "/monitor", None).await.expect("GET /monitor");

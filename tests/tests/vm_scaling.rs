@@ -388,6 +388,95 @@ async fn s4_page_cache_workload_does_not_request_upscale() {
     assert!(requested.is_empty(), "{requested:?}");
 }
 
+/// Scenario 9: lowering memory.high below the page cache makes the kernel reclaim inside the
+/// write; health checks are answered meanwhile (the write runs off the runtime thread, so
+/// the session keeps being served while the engine waits for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs inside a test VM"]
+async fn s9_health_checks_are_answered_while_a_memory_high_write_reclaims() {
+    if !in_vm() {
+        return;
+    }
+    let env = env_guarded("s9", "ebpf");
+    let agent = connect_agent(agent_config(env.monitor.url()))
+        .await
+        .unwrap();
+    agent
+        .upscale_to(cu(2), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let two = Sizes::for_allocation(2 * GIB);
+    let one = Sizes::for_allocation(GIB);
+    env.assert_applied(&two, "after UpscaleNotification 2 GiB");
+    // Page cache up to just under the 2 CU memory.high, far above the 1 CU one.
+    let scratch = Ext4Scratch::mount(64).unwrap();
+    let file = scratch
+        .sparse_file("cache", two.memory_high - 96 * MIB)
+        .unwrap();
+    scratch.read_in(&env.cg, &file).unwrap();
+    let before = env.cg.current().unwrap();
+    assert!(
+        before > one.memory_high + 256 * MIB,
+        "only {} charged: the write would not reclaim much",
+        mib(before)
+    );
+
+    // Downscale to 1 CU (approved: the page cache is reclaimable) while health checks run
+    // back to back.
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    let checks = async {
+        let mut rtts = Vec::new();
+        while !*stop.borrow() {
+            let sent = Instant::now();
+            let ok = agent.health_check().await.is_ok();
+            rtts.push((ok, sent.elapsed()));
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        rtts
+    };
+    let downscale = async {
+        let started = Instant::now();
+        let report = agent.downscale_to(cu(1), Duration::from_secs(30)).await;
+        let took = started.elapsed();
+        stop_tx.send_replace(true);
+        (report, took)
+    };
+    let (rtts, (report, took)) = tokio::join!(checks, downscale);
+    let report = report.unwrap();
+    let after = env.cg.current().unwrap();
+    let worst = rtts.iter().map(|(_, d)| *d).max().unwrap_or_default();
+    println!(
+        "downscale {report:?} took {took:?}; memory.current {} → {}; {} health checks, worst reply {worst:?}",
+        mib(before),
+        mib(after),
+        rtts.len()
+    );
+    assert!(report.reached, "{report:?}");
+    env.assert_applied(&one, "after the downscale");
+    assert!(
+        after <= one.memory_high,
+        "memory.current {} after",
+        mib(after)
+    );
+    assert!(
+        rtts.iter().all(|(ok, _)| *ok),
+        "a health check failed: {rtts:?}"
+    );
+    // The write reclaimed for a while, and no health check waited for it.
+    assert!(
+        took >= Duration::from_millis(200),
+        "the downscale took only {took:?}: nothing was reclaimed in the write"
+    );
+    assert!(
+        rtts.len() >= 3 && worst < took / 2,
+        "health checks waited for the write: worst {worst:?} of {} during a {took:?} downscale",
+        rtts.len()
+    );
+}
+
 /// Requests counted while usage is held over the threshold for `hold`.
 async fn requests_during(agent: &FakeAgent, hold: Duration) -> u32 {
     let until = Instant::now() + hold;

@@ -189,7 +189,9 @@ pub struct Policy {
     last_tick: Option<Duration>,
     /// `memory.events` counters last seen: (high, max, oom_kill).
     events_seen: Option<(u64, u64, u64)>,
-    agent_connected: bool,
+    /// Whether an agent session holds the seat; `None` until the engine first says (and in
+    /// replays of recordings made before it did: then requests go out as they always did).
+    agent_connected: Option<bool>,
     op: Option<Op>,
     /// Operations started so far (lets tests tell a new operation from a continuing one).
     op_seq: u64,
@@ -223,7 +225,7 @@ impl Policy {
             tick_at: None,
             last_tick: None,
             events_seen: None,
-            agent_connected: false,
+            agent_connected: None,
             op: None,
             op_seq: 0,
             queue: VecDeque::new(),
@@ -277,9 +279,9 @@ impl Policy {
         self.op.is_some()
     }
 
-    /// Whether an agent session is connected (informational only).
+    /// Whether an agent session is connected (as far as the engine said).
     pub fn agent_connected(&self) -> bool {
-        self.agent_connected
+        self.agent_connected == Some(true)
     }
 
     /// Whether shutdown finished (memory.high restored); the engine may exit.
@@ -388,7 +390,7 @@ impl Policy {
                 }
             }
             Input::AgentConnected { at } => {
-                self.agent_connected = true;
+                self.agent_connected = Some(true);
                 // The agent forgets earlier requests on reconnect; repeat one if pressure is
                 // still current (the rate limit still applies).
                 if self.pressure_recent(*at)
@@ -398,7 +400,7 @@ impl Policy {
                     self.want_upscale(*at, trigger, &mut out);
                 }
             }
-            Input::AgentDisconnected { .. } => self.agent_connected = false,
+            Input::AgentDisconnected { .. } => self.agent_connected = Some(false),
             Input::Shutdown { at } => self.on_shutdown(*at, &input, &mut out),
         }
         self.after(at, &mut out);
@@ -786,6 +788,12 @@ impl Policy {
         let until = at.saturating_add(self.cfg.upscale_pending_for);
         self.pending_until = Some(self.pending_until.map_or(until, |u| u.max(until)));
         self.last_trigger = Some(trigger.clone());
+        if self.agent_connected == Some(false) {
+            // Nobody to send it to; the connect repeats it if it is still due, and the rate
+            // limit counts from requests that reached an agent.
+            self.suppressed += 1;
+            return;
+        }
         let allowed = self
             .last_upscale_sent
             .is_none_or(|sent| at >= sent && at - sent >= self.cfg.upscale_min_interval);

@@ -1081,6 +1081,24 @@ fn reconnect_repeats_a_current_upscale_request() {
 }
 
 #[test]
+fn without_an_agent_wishes_wait_for_the_next_connect() {
+    let mut p = started(GIB);
+    let thr = p.threshold();
+    run(&mut p, Input::AgentDisconnected { at: ms(0) });
+    // Nobody to ask: nothing is sent, and nothing counts against the rate limit.
+    assert!(upscales(&run(&mut p, pressure(ms(100), thr))).is_empty());
+    assert!(upscales(&run(&mut p, pressure(ms(300), thr))).is_empty());
+    // The agent that connects hears of it at once.
+    assert_eq!(
+        upscales(&run(&mut p, Input::AgentConnected { at: ms(400) })).len(),
+        1
+    );
+    // And the rate limit holds from there.
+    assert!(upscales(&run(&mut p, pressure(ms(900), thr))).is_empty());
+    assert_eq!(upscales(&run(&mut p, pressure(ms(1400), thr))).len(), 1);
+}
+
+#[test]
 fn request_waits_for_in_flight_effect() {
     let mut p = started(GIB);
     // Raise memory.high, but do not acknowledge it yet.
