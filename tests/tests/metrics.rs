@@ -242,7 +242,11 @@ async fn metrics_addr_and_json_logs() {
     assert_ne!(maddr, d.addr);
     let s = scrape(maddr).await;
     assert_eq!(value(&s, "vm_monitor_agent_connected", &[]), Some(0.0));
-    assert_eq!(decisions(maddr, "").await["total"], 1, "the start-up decision");
+    assert_eq!(
+        decisions(maddr, "").await["total"],
+        1,
+        "the start-up decision"
+    );
     let health = get(maddr, "/healthz", None).await.expect("GET /healthz");
     assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
     let ws = get(maddr, "/monitor", None).await.expect("GET /monitor");
