@@ -130,6 +130,23 @@ macro_rules! warn_limited {
 }
 pub(crate) use warn_limited;
 
+/// Spacing of repeated info lines a peer can trigger at will (connection lifecycle, scaling
+/// requests): the agent's own are seconds apart and all pass; a flood costs one line a second
+/// per call site.
+pub const INFO_REPEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `tracing::info!` through a per-call-site [`LogLimiter`] ([`INFO_REPEAT_INTERVAL`]).
+macro_rules! info_limited {
+    ($($arg:tt)+) => {{
+        static LIMITER: $crate::logging::LogLimiter =
+            $crate::logging::LogLimiter::new($crate::logging::INFO_REPEAT_INTERVAL);
+        if let Some(repeated) = LIMITER.check() {
+            ::tracing::info!(repeated = repeated, $($arg)+);
+        }
+    }};
+}
+pub(crate) use info_limited;
+
 #[cfg(test)]
 mod tests {
     use super::*;

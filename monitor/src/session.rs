@@ -12,7 +12,7 @@
 
 use crate::admission::HandshakeSlot;
 use crate::backend::{BackendHandle, ScalingCall, ScalingOutcome, ScalingRequest};
-use crate::logging::{PEER_TEXT_MAX, clip, warn_limited};
+use crate::logging::{PEER_TEXT_MAX, clip, info_limited, warn_limited};
 use crate::protocol::{self, AgentBody, Decision, MonitorBody, MonitorMessage};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 /// Close code for "message too big" (RFC 6455 §7.4.1).
 pub const CLOSE_TOO_BIG: u16 = 1009;
@@ -256,7 +256,7 @@ impl Sessions {
             drop(current);
             self.accepted.fetch_add(1, Ordering::Relaxed);
             if let Some(old) = previous {
-                info!(
+                info_limited!(
                     old_conn = old.conn,
                     "new agent session replaces the previous one"
                 );
@@ -278,7 +278,7 @@ impl Sessions {
     async fn incumbent_is_gone(&self, inc: &Incumbent) -> bool {
         let now = Instant::now();
         if now.saturating_duration_since(inc.seat.heard()) >= SEAT_SILENCE {
-            info!(
+            info_limited!(
                 old_conn = inc.conn,
                 "current agent session has been silent too long; it may be replaced"
             );
@@ -295,7 +295,7 @@ impl Sessions {
             .await
             .is_ok_and(|r| r.is_ok());
         if !answered {
-            info!(
+            info_limited!(
                 old_conn = inc.conn,
                 "current agent session did not answer a ping; it may be replaced"
             );
@@ -380,16 +380,16 @@ async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64, slot:
             kill,
             seat,
         } => {
-            info!(version, "agent connected (protocol handshake complete)");
+            info_limited!(version, "agent connected (protocol handshake complete)");
             (kill, seat)
         }
         HandshakeOutcome::Failed { code, reason, log } => {
-            info!(close_code = code, error = %clip(&log, PEER_TEXT_MAX), "handshake failed; closing connection");
+            info_limited!(close_code = code, error = %clip(&log, PEER_TEXT_MAX), "handshake failed; closing connection");
             close_unsplit(socket, code, reason, cfg).await;
             return;
         }
         HandshakeOutcome::Gone(why) => {
-            info!(reason = %why, "connection ended during handshake");
+            info_limited!(reason = %why, "connection ended during handshake");
             return;
         }
     };
@@ -402,6 +402,37 @@ async fn run_inner(mut socket: WebSocket, ctx: &SessionContext, conn: u64, slot:
 const SHUTDOWN_REASON: &str = "vm-monitor is shutting down";
 const REPLACED_REASON: &str = "replaced by a newer agent connection";
 const TOO_BIG_REASON: &str = "message too big";
+const PING_FLOOD_REASON: &str = "too many pings";
+
+/// Pings a peer may send: a burst of [`PingBudget::BURST`], then one a second.
+struct PingBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl PingBudget {
+    const BURST: f64 = 32.0;
+
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: Self::BURST,
+            at: now,
+        }
+    }
+
+    /// Takes one ping's token; false when the budget is spent.
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 enum HandshakeOutcome {
     /// This connection is now the current session; `kill` fires when a newer one replaces it.
@@ -578,6 +609,7 @@ async fn established(
         ping: mut ping_asked,
     } = seat;
     let mut pings_sent: u64 = 0;
+    let mut ping_budget = PingBudget::new(Instant::now());
     let cfg = &ctx.config;
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
     let writer = tokio::spawn(writer(sink, out_rx).in_current_span());
@@ -628,15 +660,15 @@ async fn established(
                 let frame = match frame {
                     Some(Ok(f)) => f,
                     Some(Err(e)) if is_too_big(&e) => {
-                        warn!(error = %e, limit = cfg.max_message_size, "agent sent an oversized message; closing with 1009");
+                        warn_limited!(error = %e, limit = cfg.max_message_size, "agent sent an oversized message; closing with 1009");
                         break End::Close(CLOSE_TOO_BIG, TOO_BIG_REASON);
                     }
                     Some(Err(e)) => {
-                        info!(error = %e, "websocket read error; ending session");
+                        info_limited!(error = %e, "websocket read error; ending session");
                         break End::Gone;
                     }
                     None => {
-                        info!("agent disconnected without a close frame");
+                        info_limited!("agent disconnected without a close frame");
                         break End::Gone;
                     }
                 };
@@ -658,9 +690,16 @@ async fn established(
                             seat.ponged.send_replace(Some(Instant::now()));
                         }
                     }
-                    Message::Ping(_) => {}
+                    Message::Ping(_) => {
+                        // The agent never pings; a peer that floods pings (and maybe never
+                        // reads the pongs) is not an agent.
+                        if !ping_budget.take(Instant::now()) {
+                            warn_limited!("peer floods websocket pings; closing the session");
+                            break End::Close(close_code::POLICY, PING_FLOOD_REASON);
+                        }
+                    }
                     Message::Close(frame) => {
-                        info!(close = %describe_close(&frame), "agent closed the connection");
+                        info_limited!(close = %describe_close(&frame), "agent closed the connection");
                         break End::PeerClosed;
                     }
                 }
@@ -672,7 +711,7 @@ async fn established(
     worker.abort();
     match end {
         End::Close(code, reason) => {
-            info!(close_code = code, reason, "closing agent session");
+            info_limited!(close_code = code, reason, "closing agent session");
             // The queue may be full of replies to a peer that does not read; do not wait long.
             let _ = tokio::time::timeout(
                 cfg.close_timeout,
@@ -698,7 +737,7 @@ async fn established(
             writer.abort();
         }
     }
-    info!(binary_frames_ignored = binary_frames, "agent session ended");
+    info_limited!(binary_frames_ignored = binary_frames, "agent session ended");
 }
 
 /// Resolves once shutdown begins. (A wrapper, so that no borrow of the watch value lives in a
@@ -762,7 +801,7 @@ async fn handle_text(
     match scaling.try_send((id, request)) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
-            warn!(
+            warn_limited!(
                 id,
                 "too many scaling requests queued; answering InternalError"
             );
@@ -833,19 +872,19 @@ async fn scaling_worker(
     timeout: Duration,
 ) {
     while let Some((id, request)) = rx.recv().await {
-        info!(id, ?request, "scaling request from agent");
+        info_limited!(id, ?request, "scaling request from agent");
         let body = match call_backend(&calls, request, timeout).await {
             Ok(outcome) => reply_for(request, outcome),
             Err(error) => MonitorBody::InternalError { error },
         };
         match &body {
             MonitorBody::DownscaleResult { ok, status } => {
-                info!(id, ok, status = %status, "downscale answered");
+                info_limited!(id, ok, status = %status, "downscale answered");
             }
             MonitorBody::InternalError { error } => {
-                warn!(id, error = %error, "scaling request failed; answering InternalError");
+                warn_limited!(id, error = %error, "scaling request failed; answering InternalError");
             }
-            _ => info!(id, "upscale confirmed"),
+            _ => info_limited!(id, "upscale confirmed"),
         }
         if out
             .send(Outgoing::Frame(MonitorMessage::new(id, body)))
@@ -1104,6 +1143,24 @@ mod tests {
             next_text(&mut ws).await,
             r#"{"type":"InternalError","error":"failed to downscale","id":6}"#
         );
+    }
+
+    #[test]
+    fn ping_budget_allows_a_burst_then_one_a_second() {
+        let t0 = Instant::now();
+        let mut b = PingBudget::new(t0);
+        for _ in 0..32 {
+            assert!(b.take(t0));
+        }
+        assert!(!b.take(t0));
+        assert!(b.take(t0 + Duration::from_secs(1)));
+        assert!(!b.take(t0 + Duration::from_secs(1)));
+        // Refilled up to the burst, not beyond.
+        let later = t0 + Duration::from_secs(100);
+        for _ in 0..32 {
+            assert!(b.take(later));
+        }
+        assert!(!b.take(later));
     }
 
     #[tokio::test]
