@@ -1,5 +1,5 @@
 //! Postgres local file cache (LFC): reads `neon.max_file_cache_size` and resizes
-//! `neon.file_cache_size_limit` with the reference's exact SQL (spec §7.2).
+//! `neon.file_cache_size_limit` with the reference monitor's exact SQL.
 //!
 //! Unlike the reference, every statement is bounded (a client-side timeout plus the server's
 //! `statement_timeout`), a lost connection is re-opened by the next call with bounded

@@ -1,6 +1,6 @@
 //! Wire format of the autoscaler-agent ⇄ vm-monitor websocket protocol (v1.0).
 //!
-//! The two directions use different envelopes (see `shared/docs/agent-protocol.md` §4):
+//! The two directions use different envelopes:
 //! - agent → monitor is adjacently tagged: `{"content":{...},"type":T,"id":N}`;
 //! - monitor → agent is flat: `{"type":T,...fields...,"id":N}`.
 //!
@@ -25,7 +25,7 @@ pub const OUR_RANGE: VersionRange = VersionRange {
 
 /// Upper bound on memory we accept in an allocation. No VM the agent manages comes near it;
 /// anything above is a corrupted or hostile value, not a resize.
-pub const MAX_MEM_BYTES: u64 = 16 << 40; // 16 TiB
+pub const MAX_MEM_BYTES: u64 = crate::policy::MAX_MEM;
 
 /// Upper bound on vCPUs we accept in an allocation, for the same reason.
 pub const MAX_CPU: f64 = 4096.0;
@@ -614,7 +614,7 @@ mod tests {
         }
     }
 
-    /// Literal agent→monitor frames from agent-protocol.md §4 and the reference notes §3.3.
+    /// Literal agent→monitor frames as the autoscaler-agent sends them.
     fn agent_literals() -> Vec<(&'static str, AgentMessage)> {
         vec![
             (

@@ -1,5 +1,5 @@
-//! A faithful fake autoscaler-agent, following the "Test-client recipe" of
-//! `shared/docs/agent-protocol.md`. Independent of the `monitor` crate on purpose: frames are
+//! A faithful fake autoscaler-agent: the real agent's timings, ids, phases and reconnect loop.
+//! Independent of the `monitor` crate on purpose: frames are
 //! built by hand in the Go agent's byte layout and decoded the way the Go agent decodes them
 //! (generic map, string `type`, numeric `id`, case-insensitive payload fields, unknown fields
 //! ignored, missing `Ok` = false).

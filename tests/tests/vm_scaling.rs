@@ -1,4 +1,4 @@
-//! End-to-end scaling scenarios (issue 4): a real kernel (Debian 6.1 / 6.12 under qemu), real
+//! End-to-end scaling scenarios: a real kernel (Debian 6.1 / 6.12 under qemu), real
 //! cgroup v2, a real PostgreSQL 15 with the test extension running inside `neon-postgres`, the
 //! real `vm-monitor` binary and the fake autoscaler-agent. Run inside the guest by
 //! `cargo xtask test` (which sets `VM_MONITOR_IN_VM=1` and `VM_MONITOR_PG_EXT`); outside a VM

@@ -5,7 +5,11 @@ use std::time::Duration;
 
 use super::sizing::MIB;
 
-/// File-cache sizing knobs (reference §5.2, on-disk config).
+/// The largest VM memory believed (16 TiB): the wire's sanity bound on any size, and the
+/// policy's default `max_mem`.
+pub const MAX_MEM: u64 = 16 << 40;
+
+/// File-cache sizing knobs (the reference monitor's, for an on-disk file cache).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FileCacheConfig {
     /// Largest share of memory the cache may take (0.75).
@@ -78,7 +82,7 @@ pub struct Config {
     pub reading_max_age: Duration,
     /// A guest-wide direct-reclaim stall at least this long asks for an upscale (10 ms).
     pub direct_reclaim_stall: Duration,
-    /// Largest believable allocation from the agent; above it a request is refused (64 TiB).
+    /// Largest believable allocation from the agent; above it a request is refused ([`MAX_MEM`]).
     pub max_mem: u64,
 }
 
@@ -115,7 +119,7 @@ impl Default for Config {
             peak_window: Duration::from_secs(5),
             reading_max_age: Duration::from_secs(5),
             direct_reclaim_stall: Duration::from_millis(10),
-            max_mem: 64 << 40,
+            max_mem: MAX_MEM,
         }
     }
 }

@@ -29,7 +29,7 @@ mod tests;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-pub use config::{Config, ConfigError, FileCacheConfig};
+pub use config::{Config, ConfigError, FileCacheConfig, MAX_MEM};
 pub use sizing::{MIB, file_cache_size, mib, threshold, usable};
 pub use types::{
     Action, Decision, DecisionKind, Effect, Input, PressureSignal, UpscaleReason, UpscaleTrigger,

@@ -1,4 +1,4 @@
-//! Pure sizing formulas (reference §5): usable memory, file-cache size, upscale threshold,
+//! Pure sizing formulas (the reference monitor's): usable memory, file-cache size, upscale threshold,
 //! and the MiB formatting used in statuses.
 
 use super::config::FileCacheConfig;
@@ -61,7 +61,7 @@ mod tests {
         file_cache_size(&Config::default().file_cache, total, None)
     }
 
-    /// Reference §5.4 worked examples (HEAD threshold column, on-disk LFC).
+    /// Worked examples of the reference monitor's formulas (its current threshold rule, on-disk LFC).
     #[test]
     fn reference_worked_examples() {
         let cfg = Config::default();

@@ -1,5 +1,5 @@
 //! `target/bench/report.md` and `summary.json` from the loaded samples: every number with
-//! its spread, the ratios, and each target of issue 5 marked met / not met with the reason.
+//! its spread, the ratios, and each target marked met / not met with the reason.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::data::{IdleSample, KernelData, Stats, percentile, ratio};
 
-/// Targets of issue 5.
+/// The project's performance targets.
 pub const LATENCY_RATIO_TARGET: f64 = 50.0;
 pub const IDLE_WAKEUPS_TARGET: f64 = 0.3;
 pub const OVERHEAD_PCT_TARGET: f64 = 2.0;
