@@ -3,6 +3,8 @@
 //! ring buffer, every hit counted per kind so nothing is lost silently.
 #![no_std]
 #![no_main]
+// The programs are entry points: `pub` is how the loader's symbols read, not an API.
+#![allow(unreachable_pub)]
 
 use aya_ebpf::{
     bindings::BPF_RB_FORCE_WAKEUP,
@@ -151,8 +153,9 @@ fn in_target_subtree() -> bool {
     if target == 0 {
         return true;
     }
-    // SAFETY: plain helper calls.
+    // SAFETY: a volatile read of a static the loader patches before load.
     let level = unsafe { core::ptr::read_volatile(&TARGET_CGROUP_LEVEL) };
+    // SAFETY: a helper call with no pointer arguments.
     unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) == target }
 }
 

@@ -218,8 +218,9 @@ impl HighWriter {
 pub fn is_cgroup2(path: &Path) -> anyhow::Result<bool> {
     use std::ffi::CString;
     let c = CString::new(path.as_os_str().as_encoded_bytes()).context("path contains NUL")?;
-    // SAFETY: statfs fills the zeroed struct we own; the path is a valid C string.
+    // SAFETY: statfs is plain data, valid all-zero.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs fills the struct we own; the path is a valid C string.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error())

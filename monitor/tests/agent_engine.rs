@@ -3,6 +3,9 @@
 //! limit (`--upscale-interval-ms`) is the only one on the wire. No cgroup is needed: poll-tier
 //! samples carry their own reading.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};

@@ -1,6 +1,9 @@
 //! Bad command lines end with a clear error naming the flag, before anything is bound or
 //! loaded, and never with a panic (exit 101).
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {

@@ -2,6 +2,9 @@
 //! driven through its channels like the daemon drives it, then `replay` must reproduce every
 //! decision the engine made. No cgroup is needed: poll-tier samples carry their own reading.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use monitor::backend::{Resources, ScalingCall, ScalingOutcome, ScalingRequest};

@@ -5,6 +5,9 @@
 //! stops it on drop. Needs root, postgresql-15 and postgresql-server-dev-15:
 //! `cargo test -p monitor --test filecache_pg -- --ignored`.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -125,8 +128,8 @@ struct Pg {
 impl Pg {
     /// initdb + start; `with_extension` loads the test extension by absolute path.
     fn start(name: &str, with_extension: bool) -> Pg {
-        // SAFETY: geteuid(2) cannot fail and touches no memory.
         assert_eq!(
+            // SAFETY: geteuid(2) cannot fail and touches no memory.
             unsafe { libc::geteuid() },
             0,
             "these tests run Postgres as user `postgres` through runuser and need root"
@@ -298,8 +301,8 @@ struct Stopped(i32);
 
 impl Stopped {
     fn new(pid: i32) -> Stopped {
-        // SAFETY: kill(2) with a pid of a Postgres process this test started.
         assert_eq!(
+            // SAFETY: kill(2) with a pid of a Postgres process this test started.
             unsafe { libc::kill(pid, libc::SIGSTOP) },
             0,
             "SIGSTOP {pid}"

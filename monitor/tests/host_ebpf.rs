@@ -8,6 +8,9 @@
 //! Run with `cargo test -p monitor --test host_ebpf -- --ignored --test-threads=1` (as
 //! `cargo xtask test` does).
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,8 +22,8 @@ use tests::hostcg::ScratchMemcg;
 use tokio::sync::mpsc;
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() },
         0,
         "host eBPF tests load BPF programs and must run as root"

@@ -2,6 +2,9 @@
 //! pressure events pushed through its channel (no cgroup files needed: poll-tier samples carry
 //! their own reading), then the exposition parsed with an independent Prometheus parser.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -197,8 +200,8 @@ async fn ebpf_kernel_source_on_the_host() {
     use monitor::metrics::{EbpfKernelSource, KernelSource};
     use monitor::pressure::ebpf::{EbpfOptions, EbpfPipeline, program_stats};
 
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() },
         0,
         "loads BPF programs: run as root"
@@ -266,8 +269,8 @@ async fn run_stats_option_exports_program_runs_without_the_sysctl() {
     use monitor::metrics::EbpfKernelSource;
     use monitor::pressure::ebpf::{EbpfOptions, EbpfPipeline, bpf_stats_enabled};
 
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() },
         0,
         "loads BPF programs: run as root"

@@ -2,6 +2,9 @@
 //! it, recorded through `Recorder`) is read back, exported to Perfetto JSON, plotted to SVG and
 //! replayed; damaged, truncated and foreign files must give clear errors, never panics.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Command;

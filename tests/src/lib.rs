@@ -2,6 +2,9 @@
 //! client for malformed traffic ([`raw`]), a runner for the real daemon binary ([`daemon`]) and
 //! the guest-side harness of the VM scaling scenarios and the demo ([`scenario`]).
 
+// Test support: a failed lock or a broken fixture is a failed test, so unwrapping is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod agent;
 pub mod benchkit;
 pub mod daemon;

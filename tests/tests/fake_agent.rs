@@ -4,6 +4,9 @@
 //! Timing checks here are lower bounds on the *fake agent's own* waits (cooldowns), never
 //! upper bounds on anybody's speed.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::time::Duration;

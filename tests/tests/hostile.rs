@@ -1,6 +1,9 @@
 //! A hostile peer on the agent port, against the real binary on loopback: what it can make
 //! the daemon spend is bounded, and a well-behaved agent keeps being served meanwhile.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,6 +3,9 @@
 //! the daemon; `/debug/decisions` is JSON; `--metrics-addr` serves both; `--log-format json`
 //! writes one JSON object per line. Build the binary first: `cargo build -p monitor`.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::time::Duration;
 

@@ -6,6 +6,9 @@
 //! right after: the daemon answers frames of one connection in order (except scaling requests,
 //! which are not used there), so an answer to the earlier frame would arrive first.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use serde_json::Value;
 use std::time::Duration;
 use tests::agent::{

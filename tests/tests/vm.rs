@@ -5,6 +5,9 @@
 //! The guest gets a zram swap device (as Neon VMs can have swap): without swap, anonymous
 //! memory above memory.high cannot be reclaimed and the allocator is throttled for minutes.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};

@@ -8,6 +8,9 @@
 //! threshold 785.4 MiB, file cache 607 MiB) so the workloads stay in the hundreds of MiB.
 //! Expected sizes come from the formulas ([`Sizes`]), not from the daemon's code.
 
+// A test: unwrapping is how it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use serde_json::Value;

@@ -10,28 +10,28 @@ use std::process::{Command, ExitStatus, Stdio};
 use anyhow::{Context, Result, bail};
 
 /// Announces a step.
-pub fn step(msg: impl Display) {
+pub(crate) fn step(msg: impl Display) {
     println!("==> {msg}");
 }
 
 /// Reports a step that had nothing to do.
-pub fn present(msg: impl Display) {
+pub(crate) fn present(msg: impl Display) {
     println!("    {msg}: present, skipping");
 }
 
 /// Prints an indented detail line under the current step.
-pub fn info(msg: impl Display) {
+pub(crate) fn info(msg: impl Display) {
     println!("    {msg}");
 }
 
 /// A loud multi-line note, for things that were skipped but should not go unnoticed.
-pub fn loud(msg: impl Display) {
+pub(crate) fn loud(msg: impl Display) {
     let bar = "!".repeat(78);
     println!("{bar}\n!!! {msg}\n{bar}");
 }
 
 /// Quotes one word for a POSIX shell (only when needed, to keep echoed commands readable).
-pub fn shell_quote(word: &str) -> String {
+pub(crate) fn shell_quote(word: &str) -> String {
     let plain = !word.is_empty()
         && word
             .chars()
@@ -55,7 +55,7 @@ pub fn shell_quote(word: &str) -> String {
 }
 
 /// The command as a shell line, with the environment overrides that were set on it.
-pub fn display(cmd: &Command) -> String {
+pub(crate) fn display(cmd: &Command) -> String {
     let mut words = Vec::new();
     for (key, value) in cmd.get_envs() {
         if let Some(value) = value {
@@ -72,7 +72,7 @@ pub fn display(cmd: &Command) -> String {
 }
 
 /// Runs a command with inherited stdio and returns its exit status (not checked).
-pub fn status(cmd: &mut Command) -> Result<ExitStatus> {
+pub(crate) fn status(cmd: &mut Command) -> Result<ExitStatus> {
     let line = display(cmd);
     println!("    $ {line}");
     cmd.status()
@@ -80,7 +80,7 @@ pub fn status(cmd: &mut Command) -> Result<ExitStatus> {
 }
 
 /// Runs a command with inherited stdio; a non-zero exit is an error.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let st = status(cmd)?;
     if !st.success() {
         bail!("`{}` failed ({st})", display(cmd));
@@ -89,7 +89,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Runs a query quietly and returns its stdout; a non-zero exit is an error carrying stderr.
-pub fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let line = display(cmd);
     let out = cmd
         .stdin(Stdio::null())
@@ -106,7 +106,7 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 }
 
 /// Whether a probe command starts and exits 0 (all output discarded).
-pub fn succeeds(cmd: &mut Command) -> bool {
+pub(crate) fn succeeds(cmd: &mut Command) -> bool {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -116,7 +116,7 @@ pub fn succeeds(cmd: &mut Command) -> bool {
 
 /// Finds an executable on PATH, then in `extra` directories (e.g. sbin, which a non-login
 /// root shell may not have on PATH).
-pub fn find_program(name: &str, extra: &[&str]) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str, extra: &[&str]) -> Option<PathBuf> {
     let path = env::var_os("PATH").unwrap_or_default();
     env::split_paths(&path)
         .chain(extra.iter().map(PathBuf::from))
@@ -131,7 +131,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// PATH with `dirs` prepended, for child processes that must find freshly installed tools.
-pub fn path_with(dirs: &[&Path]) -> Result<std::ffi::OsString> {
+pub(crate) fn path_with(dirs: &[&Path]) -> Result<std::ffi::OsString> {
     let current = env::var_os("PATH").unwrap_or_default();
     let all = dirs
         .iter()
@@ -142,13 +142,13 @@ pub fn path_with(dirs: &[&Path]) -> Result<std::ffi::OsString> {
 
 /// `cargo` for the toolchain xtask itself runs under (the rustup proxy honours
 /// RUSTUP_TOOLCHAIN, which the outer `cargo` invocation passes down).
-pub fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(env::var_os("CARGO").unwrap_or_else(|| OsStr::new("cargo").to_owned()))
 }
 
 /// Cargo profile to build with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Profile {
+pub(crate) enum Profile {
     Debug,
     /// What operators run, and so what benchmarks measure.
     Release,
@@ -156,7 +156,7 @@ pub enum Profile {
 
 /// Builds `vm-monitor` and the given `tests` binaries, returning their paths in that order:
 /// what every command that runs a guest-side driver needs first.
-pub fn build_guest_binaries(
+pub(crate) fn build_guest_binaries(
     root: &Path,
     target: &Path,
     bins: &[&str],

@@ -23,13 +23,13 @@ use crate::vm::{self, VmRun};
 const DEMO_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Kernel line to boot.
     #[arg(long, value_enum, default_value = "6.12")]
     kernel: KernelLine,
 }
 
-pub fn run(setup: &mut Setup, args: &DemoArgs) -> Result<ExitCode> {
+pub(crate) fn run(setup: &mut Setup, args: &DemoArgs) -> Result<ExitCode> {
     setup.all()?;
     let root = setup.paths.root.clone();
     let target = setup.paths.target.clone();

@@ -15,7 +15,7 @@ const TARGET: &str = "bpfel-unknown-none";
 
 /// `rustup run nightly cargo <subcommand>` for the BPF target, with aya-build's rustflags and
 /// none of the outer (stable) cargo's compiler overrides leaking in.
-pub fn nightly_cargo(setup: &Setup, subcommand: &str) -> Command {
+pub(crate) fn nightly_cargo(setup: &Setup, subcommand: &str) -> Command {
     let mut cargo = Command::new("rustup");
     cargo
         .current_dir(&setup.paths.root)
@@ -47,7 +47,7 @@ pub fn nightly_cargo(setup: &Setup, subcommand: &str) -> Command {
 }
 
 /// Builds the object and returns its path.
-pub fn build(setup: &mut Setup) -> Result<PathBuf> {
+pub(crate) fn build(setup: &mut Setup) -> Result<PathBuf> {
     setup.ebpf_toolchain()?;
     step(format!(
         "building the eBPF object ({EBPF_PACKAGE}, {TARGET}, nightly)"

@@ -8,7 +8,7 @@ use crate::ebpf;
 use crate::setup::Setup;
 
 /// Runs every check, even after one fails, so one run reports all problems.
-pub fn run(setup: &mut Setup) -> Result<()> {
+pub(crate) fn run(setup: &mut Setup) -> Result<()> {
     // monitor's build script builds the eBPF object, so host clippy needs the eBPF toolchain too.
     setup.ebpf_toolchain()?;
     let root = &setup.paths.root;

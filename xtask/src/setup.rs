@@ -18,11 +18,11 @@ use serde::{Deserialize, Serialize};
 use crate::cmd::{self, find_program, info, present, step};
 
 /// Packages the eBPF build needs (bpf-linker links against LLVM 22).
-pub const APT_EBPF: &[&str] = &["llvm-22-dev"];
+pub(crate) const APT_EBPF: &[&str] = &["llvm-22-dev"];
 /// Packages the VM runs need: qemu, depmod for the unpacked kernels, busybox for virtme's initramfs.
-pub const APT_VM: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
+pub(crate) const APT_VM: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
 /// Packages the file-cache tests need (a private cluster and a PGXS test extension).
-pub const APT_POSTGRES: &[&str] = &["postgresql", "postgresql-server-dev-15"];
+pub(crate) const APT_POSTGRES: &[&str] = &["postgresql", "postgresql-server-dev-15"];
 
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -32,7 +32,7 @@ const SBIN: &[&str] = &["/usr/local/sbin", "/usr/sbin", "/sbin"];
 
 /// The kernel lines the VM tests run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize, Deserialize)]
-pub enum KernelLine {
+pub(crate) enum KernelLine {
     /// Debian 12's default kernel.
     #[value(name = "6.1")]
     #[serde(rename = "6.1")]
@@ -44,9 +44,9 @@ pub enum KernelLine {
 }
 
 impl KernelLine {
-    pub const ALL: [KernelLine; 2] = [KernelLine::V6_1, KernelLine::V6_12];
+    pub(crate) const ALL: [KernelLine; 2] = [KernelLine::V6_1, KernelLine::V6_12];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             KernelLine::V6_1 => "6.1",
             KernelLine::V6_12 => "6.12",
@@ -56,7 +56,7 @@ impl KernelLine {
 
 /// One unpacked Debian kernel.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Kernel {
+pub(crate) struct Kernel {
     /// The apt package it came from.
     pub package: String,
     /// Its release string (`uname -r` in the guest).
@@ -83,20 +83,20 @@ impl Kernel {
 }
 
 /// Well-known locations in the workspace.
-pub struct Paths {
+pub(crate) struct Paths {
     pub root: PathBuf,
     pub target: PathBuf,
 }
 
 impl Paths {
     /// xtask's own cache (venv, kernels).
-    pub fn xtask_dir(&self) -> PathBuf {
+    pub(crate) fn xtask_dir(&self) -> PathBuf {
         self.target.join("xtask")
     }
-    pub fn venv(&self) -> PathBuf {
+    pub(crate) fn venv(&self) -> PathBuf {
         self.xtask_dir().join("venv")
     }
-    pub fn kernels_dir(&self) -> PathBuf {
+    pub(crate) fn kernels_dir(&self) -> PathBuf {
         self.xtask_dir().join("kernels")
     }
     fn kernels_manifest(&self) -> PathBuf {
@@ -105,13 +105,13 @@ impl Paths {
 }
 
 /// Setup state shared by the steps of one xtask invocation.
-pub struct Setup {
+pub(crate) struct Setup {
     pub paths: Paths,
     apt_updated: bool,
 }
 
 impl Setup {
-    pub fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         // xtask/ sits directly in the workspace root.
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
@@ -125,7 +125,7 @@ impl Setup {
     }
 
     /// Everything: `cargo xtask setup` and the first stage of `cargo xtask test`.
-    pub fn all(&mut self) -> Result<()> {
+    pub(crate) fn all(&mut self) -> Result<()> {
         let packages: Vec<&str> = [APT_EBPF, APT_VM, APT_POSTGRES].concat();
         self.apt_packages(&packages)?;
         self.rust_components()?;
@@ -136,14 +136,14 @@ impl Setup {
     }
 
     /// What building or linting the eBPF object needs.
-    pub fn ebpf_toolchain(&mut self) -> Result<()> {
+    pub(crate) fn ebpf_toolchain(&mut self) -> Result<()> {
         self.apt_packages(APT_EBPF)?;
         self.rust_components()?;
         self.bpf_linker()
     }
 
     /// What booting a VM needs, returning the `vng` executable.
-    pub fn vm_tools(&mut self) -> Result<PathBuf> {
+    pub(crate) fn vm_tools(&mut self) -> Result<PathBuf> {
         self.apt_packages(APT_VM)?;
         self.virtme_ng()
     }
@@ -160,7 +160,7 @@ impl Setup {
     }
 
     /// Installs the Debian packages in `wanted` that are not installed yet.
-    pub fn apt_packages(&mut self, wanted: &[&str]) -> Result<()> {
+    pub(crate) fn apt_packages(&mut self, wanted: &[&str]) -> Result<()> {
         step(format!("apt packages: {}", wanted.join(" ")));
         ensure!(
             find_program("dpkg-query", &[]).is_some(),
@@ -187,7 +187,7 @@ impl Setup {
     }
 
     /// Nightly rust-src (for `-Z build-std=core`) and clippy on both toolchains (for lint).
-    pub fn rust_components(&mut self) -> Result<()> {
+    pub(crate) fn rust_components(&mut self) -> Result<()> {
         step("rust toolchains: nightly with rust-src and clippy; stable clippy and rustfmt");
         if !cmd::succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
             info("no nightly toolchain: installing one (waits for the download)");
@@ -234,7 +234,7 @@ impl Setup {
     }
 
     /// bpf-linker built against Debian's LLVM 22 (its default feature wants LLVM 23).
-    pub fn bpf_linker(&mut self) -> Result<()> {
+    pub(crate) fn bpf_linker(&mut self) -> Result<()> {
         step(format!("bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"));
         let cargo_bin = cargo_home().join("bin");
         let installed = [PathBuf::from("bpf-linker"), cargo_bin.join("bpf-linker")]
@@ -273,7 +273,7 @@ impl Setup {
     }
 
     /// virtme-ng in a private venv; returns the `vng` executable.
-    pub fn virtme_ng(&mut self) -> Result<PathBuf> {
+    pub(crate) fn virtme_ng(&mut self) -> Result<PathBuf> {
         let venv = self.paths.venv();
         let vng = venv.join("bin/vng");
         step(format!(
@@ -310,7 +310,7 @@ impl Setup {
     }
 
     /// The unpacked kernel for `line`: recorded one if still complete, else set up afresh.
-    pub fn kernel(&mut self, line: KernelLine) -> Result<Kernel> {
+    pub(crate) fn kernel(&mut self, line: KernelLine) -> Result<Kernel> {
         if let Some(kernel) = read_manifest(&self.paths.kernels_manifest())
             .remove(&line)
             .filter(Kernel::is_complete)
@@ -324,7 +324,7 @@ impl Setup {
 
     /// Resolves the current Debian kernels of both lines, downloads and unpacks what is missing,
     /// and records them. With `refresh` false a complete recorded set is used without asking apt.
-    pub fn kernels(&mut self, refresh: bool) -> Result<BTreeMap<KernelLine, Kernel>> {
+    pub(crate) fn kernels(&mut self, refresh: bool) -> Result<BTreeMap<KernelLine, Kernel>> {
         let manifest_path = self.paths.kernels_manifest();
         let recorded = read_manifest(&manifest_path);
         if !refresh

@@ -17,7 +17,7 @@ use crate::vm::{self, VmRun};
 const VM_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 
 #[derive(Args)]
-pub struct TestArgs {
+pub(crate) struct TestArgs {
     /// Leave out a group of stages while iterating locally (repeatable); CI runs everything.
     #[arg(long, value_enum, value_name = "GROUP")]
     skip: Vec<SkipGroup>,
@@ -90,7 +90,7 @@ struct Run<'a> {
     pg_ext: Option<PathBuf>,
 }
 
-pub fn run(setup: &mut Setup, args: &TestArgs) -> Result<ExitCode> {
+pub(crate) fn run(setup: &mut Setup, args: &TestArgs) -> Result<ExitCode> {
     let mut stages = vec![
         Stage::Setup,
         Stage::Lint,
@@ -309,11 +309,11 @@ impl Run<'_> {
 }
 
 /// Environment variable the scaling scenarios read the extension's path from.
-pub const PG_EXT_ENV: &str = "VM_MONITOR_PG_EXT";
+pub(crate) const PG_EXT_ENV: &str = "VM_MONITOR_PG_EXT";
 
 /// Builds the test-only Postgres extension (`tests/pg_ext`) into `target/pg_ext` and returns
 /// the `.so` path, which Postgres loads by absolute path.
-pub fn pg_extension(setup: &mut Setup) -> Result<PathBuf> {
+pub(crate) fn pg_extension(setup: &mut Setup) -> Result<PathBuf> {
     setup.apt_packages(crate::setup::APT_POSTGRES)?;
     let script = setup.paths.root.join("tests/pg_ext/build.sh");
     let out_dir = setup.paths.target.join("pg_ext");

@@ -19,7 +19,7 @@ use crate::cmd::{self, find_program, info, shell_quote, step};
 use crate::setup::{KernelLine, Setup};
 
 #[derive(Args)]
-pub struct VmArgs {
+pub(crate) struct VmArgs {
     /// Kernel line to boot.
     #[arg(long, value_enum, default_value = "6.1")]
     kernel: KernelLine,
@@ -42,7 +42,7 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
-    pub fn into_run(self) -> Result<VmRun> {
+    pub(crate) fn into_run(self) -> Result<VmRun> {
         let env = self
             .env
             .iter()
@@ -65,7 +65,7 @@ impl VmArgs {
 }
 
 /// One VM run.
-pub struct VmRun {
+pub(crate) struct VmRun {
     pub kernel: KernelLine,
     pub memory: String,
     pub cpus: u32,
@@ -79,7 +79,7 @@ pub struct VmRun {
 
 impl VmRun {
     /// Defaults of `cargo xtask vm`.
-    pub fn new(kernel: KernelLine, command: Vec<String>) -> Self {
+    pub(crate) fn new(kernel: KernelLine, command: Vec<String>) -> Self {
         VmRun {
             kernel,
             memory: "2G".to_owned(),
@@ -102,12 +102,12 @@ const FORWARDED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE", "RUST_LIB_BACKTRA
 const BOOT_ATTEMPTS: u32 = 3;
 
 /// Boots the VM, streams its console, and returns the guest command's exit code.
-pub fn run(setup: &mut Setup, vm: &VmRun) -> Result<i32> {
+pub(crate) fn run(setup: &mut Setup, vm: &VmRun) -> Result<i32> {
     run_with_dir(setup, vm).map(|(code, _)| code)
 }
 
 /// [`run`], also returning the run's shared directory (`VM_MONITOR_OUT` in the guest).
-pub fn run_with_dir(setup: &mut Setup, vm: &VmRun) -> Result<(i32, PathBuf)> {
+pub(crate) fn run_with_dir(setup: &mut Setup, vm: &VmRun) -> Result<(i32, PathBuf)> {
     let vng = setup.vm_tools()?;
     let qemu = find_program("qemu-system-x86_64", &[]).context(
         "qemu-system-x86_64 not found on PATH (Debian package qemu-system-x86; `cargo xtask setup` installs it)",

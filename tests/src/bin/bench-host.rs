@@ -14,6 +14,9 @@
 //! Output (`BENCH_OUT`): `meta.txt`, `host-startup.csv`, `overhead.csv`, `storm.csv`,
 //! `bpf-cost.csv` (the last three with the VM driver's columns).
 
+// Test and bench drivers: a failure ends the run with a message, which is what unwrapping does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -58,8 +61,9 @@ struct Host {
 
 fn run() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     ensure!(
-        unsafe { libc::geteuid() } == 0,
+        euid == 0,
         "the host benchmark loads BPF programs: run it as root"
     );
     let bin =

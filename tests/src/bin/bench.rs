@@ -34,6 +34,9 @@
 //! Output in `$VM_MONITOR_OUT/bench/`: `latency.csv`, `idle.csv`, `startup.csv`,
 //! `overhead.csv`, `bpf-cost.csv`, `storm.csv`, `storm-rss.csv`, `managed.csv`, `meta.txt`.
 
+// Test and bench drivers: a failure ends the run with a message, which is what unwrapping does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

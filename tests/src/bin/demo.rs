@@ -7,6 +7,9 @@
 //! `decisions.jsonl` and `vm-monitor.log` (the daemon's decision log and full log),
 //! `agent-transcript.txt` (every websocket frame).
 
+// Test and bench drivers: a failure ends the run with a message, which is what unwrapping does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader};

@@ -4,6 +4,9 @@
 //!
 //! cargo run -p tests --bin fake-agent -- ws://127.0.0.1:10301/monitor --downscale-to 2 --duration 20
 
+// Test and bench drivers: a failure ends the run with a message, which is what unwrapping does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use anyhow::Context;
 use clap::Parser;
 use std::time::Duration;

@@ -13,6 +13,9 @@
 //!   benchmarks' fixed-work and fixed-time reclaim workloads);
 //! - `exit` (or end of input).
 
+// Test and bench drivers: a failure ends the run with a message, which is what unwrapping does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead as _, Write as _};
 use std::time::Duration;
 

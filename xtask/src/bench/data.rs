@@ -7,10 +7,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// Tiers in report order.
-pub const TIERS: [&str; 3] = ["ebpf", "psi", "poll"];
+pub(super) const TIERS: [&str; 3] = ["ebpf", "psi", "poll"];
 
 #[derive(Clone, Debug, Default)]
-pub struct IdleSample {
+pub(super) struct IdleSample {
     pub secs: f64,
     pub switches: f64,
     pub cpu_ms: f64,
@@ -18,17 +18,17 @@ pub struct IdleSample {
 }
 
 impl IdleSample {
-    pub fn wakeups_per_s(&self) -> f64 {
+    pub(super) fn wakeups_per_s(&self) -> f64 {
         self.switches / self.secs.max(f64::MIN_POSITIVE)
     }
-    pub fn cpu_ms_per_s(&self) -> f64 {
+    pub(super) fn cpu_ms_per_s(&self) -> f64 {
         self.cpu_ms / self.secs.max(f64::MIN_POSITIVE)
     }
 }
 
 /// One timed run of the overhead workload.
 #[derive(Clone, Debug)]
-pub struct OverheadRun {
+pub(super) struct OverheadRun {
     pub pair: u64,
     pub attached: bool,
     pub secs: f64,
@@ -37,7 +37,7 @@ pub struct OverheadRun {
 
 /// Run statistics of one program in one JIT mode.
 #[derive(Clone, Debug)]
-pub struct ProgramCost {
+pub(super) struct ProgramCost {
     pub jit: String,
     pub program: String,
     pub runs: f64,
@@ -48,7 +48,7 @@ pub struct ProgramCost {
 
 /// One event-storm run.
 #[derive(Clone, Debug)]
-pub struct StormRun {
+pub(super) struct StormRun {
     pub variant: String,
     pub tasks: u64,
     pub secs: f64,
@@ -64,16 +64,16 @@ pub struct StormRun {
 }
 
 impl StormRun {
-    pub fn cpu_pct(&self) -> f64 {
+    pub(super) fn cpu_pct(&self) -> f64 {
         self.daemon_cpu_ms / 10.0 / self.secs.max(f64::MIN_POSITIVE)
     }
     /// Every hit is accounted for: seen = emitted + coalesced + dropped and every emitted
     /// record reached the consumer.
-    pub fn accounted(&self) -> bool {
+    pub(super) fn accounted(&self) -> bool {
         self.seen == self.emitted + self.coalesced + self.dropped && self.delivered == self.emitted
     }
     /// RSS growth over the storm (peak above the first sample), KiB.
-    pub fn rss_growth_kib(&self) -> f64 {
+    pub(super) fn rss_growth_kib(&self) -> f64 {
         self.rss_peak_kib - self.rss_first_kib
     }
 }
@@ -81,27 +81,27 @@ impl StormRun {
 /// One ungranted ramp held above the threshold: further requests after the first one and
 /// the time from the first to the last.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Hold {
+pub(super) struct Hold {
     pub requests: f64,
     pub secs: f64,
 }
 
 impl Hold {
     /// Requests per second while held; `None` with fewer than one further request.
-    pub fn rate(&self) -> Option<f64> {
+    pub(super) fn rate(&self) -> Option<f64> {
         (self.requests >= 1.0 && self.secs > 0.0).then(|| self.requests / self.secs)
     }
 }
 
 /// Host start-up: exec → programs attached (`trace`), exec → daemon listening.
 #[derive(Clone, Debug)]
-pub struct HostStart {
+pub(super) struct HostStart {
     pub trace_attached_ms: f64,
     pub daemon_listening_ms: f64,
 }
 
 /// Everything measured on one kernel: a VM kernel line (`6.1`, `6.12`) or `host`.
-pub struct KernelData {
+pub(super) struct KernelData {
     pub label: String,
     pub meta: BTreeMap<String, String>,
     /// Reaction latency samples (ms) per tier.
@@ -128,7 +128,7 @@ pub struct KernelData {
 /// One run of the managed-overhead part: a workload under one mode (`none`, `ebpf`,
 /// `ebpf-guard`).
 #[derive(Clone, Debug)]
-pub struct ManagedRun {
+pub(super) struct ManagedRun {
     pub mode: String,
     pub workload: String,
     pub secs: f64,
@@ -141,7 +141,7 @@ pub struct ManagedRun {
 
 /// Medians of the managed-overhead runs of one mode and workload.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ManagedSummary {
+pub(super) struct ManagedSummary {
     pub mode: String,
     pub workload: String,
     pub n: usize,
@@ -156,7 +156,7 @@ pub struct ManagedSummary {
 
 impl KernelData {
     /// Per (workload, mode) medians, in the order first measured.
-    pub fn managed_summary(&self) -> Vec<ManagedSummary> {
+    pub(super) fn managed_summary(&self) -> Vec<ManagedSummary> {
         let mut keys: Vec<(String, String)> = Vec::new();
         for m in &self.managed {
             let k = (m.workload.clone(), m.mode.clone());
@@ -194,18 +194,18 @@ impl KernelData {
 
 impl ManagedRun {
     /// Daemon CPU as a share of the workload's wall time, in percent.
-    pub fn cpu_pct(&self) -> f64 {
+    pub(super) fn cpu_pct(&self) -> f64 {
         self.daemon_cpu_ms / (self.secs * 1e3).max(1e-9) * 100.0
     }
 }
 
 impl KernelData {
-    pub fn is_host(&self) -> bool {
+    pub(super) fn is_host(&self) -> bool {
         self.label == "host"
     }
 
     /// The standard tiers, then any variant measured (e.g. `ebpf-c0`).
-    pub fn tiers(&self) -> Vec<String> {
+    pub(super) fn tiers(&self) -> Vec<String> {
         let mut t: Vec<String> = TIERS.iter().map(|s| (*s).to_owned()).collect();
         t.extend(
             self.latency
@@ -216,7 +216,7 @@ impl KernelData {
         t
     }
 
-    pub fn load(label: &str, dir: &Path) -> Result<KernelData> {
+    pub(super) fn load(label: &str, dir: &Path) -> Result<KernelData> {
         let meta = fs::read_to_string(dir.join("meta.txt"))
             .unwrap_or_default()
             .lines()
@@ -337,28 +337,28 @@ impl KernelData {
         Ok(data)
     }
 
-    pub fn stats(&self, tier: &str) -> Option<Stats> {
+    pub(super) fn stats(&self, tier: &str) -> Option<Stats> {
         Stats::of(self.latency.get(tier)?)
     }
 
     /// Requests per second of each hold of `tier` that saw a further request; `None` if the
     /// tier had no ungranted ramps.
-    pub fn hold_rates(&self, tier: &str) -> Option<Vec<f64>> {
+    pub(super) fn hold_rates(&self, tier: &str) -> Option<Vec<f64>> {
         let holds = self.holds.get(tier)?;
         Some(holds.iter().filter_map(Hold::rate).collect())
     }
 
-    pub fn e2f_stats(&self, tier: &str) -> Option<Stats> {
+    pub(super) fn e2f_stats(&self, tier: &str) -> Option<Stats> {
         Stats::of(self.event_to_frame.get(tier)?)
     }
 
-    pub fn c2e_stats(&self, tier: &str) -> Option<Stats> {
+    pub(super) fn c2e_stats(&self, tier: &str) -> Option<Stats> {
         Stats::of(self.crossing_to_event.get(tier)?)
     }
 
     /// Slowdown of each pair in %: attached ÷ detached − 1 (pairs measured side by side, so a
     /// drift of the machine between pairs cancels out).
-    pub fn pair_slowdowns_pct(&self) -> Vec<f64> {
+    pub(super) fn pair_slowdowns_pct(&self) -> Vec<f64> {
         let mut pairs: BTreeMap<u64, (Option<f64>, Option<f64>)> = BTreeMap::new();
         for r in &self.overhead {
             let e = pairs.entry(r.pair).or_default();
@@ -374,7 +374,7 @@ impl KernelData {
             .collect()
     }
 
-    pub fn overhead_secs(&self, attached: bool) -> Vec<f64> {
+    pub(super) fn overhead_secs(&self, attached: bool) -> Vec<f64> {
         self.overhead
             .iter()
             .filter(|r| r.attached == attached)
@@ -384,7 +384,7 @@ impl KernelData {
 
     /// JIT modes measured, with the total runs and the mean cost per run over all programs,
     /// for the first workload measured in that mode.
-    pub fn cost_per_run(&self) -> Vec<CostSummary> {
+    pub(super) fn cost_per_run(&self) -> Vec<CostSummary> {
         let mut out: Vec<CostSummary> = Vec::new();
         for c in &self.bpf_cost {
             let key = (c.jit.clone(), c.variant.clone());
@@ -410,7 +410,7 @@ impl KernelData {
 
 /// All programs' cost in one JIT mode on one workload.
 #[derive(Clone, Debug)]
-pub struct CostSummary {
+pub(super) struct CostSummary {
     pub jit: String,
     pub variant: String,
     pub runs: f64,
@@ -418,7 +418,7 @@ pub struct CostSummary {
 }
 
 impl CostSummary {
-    pub fn ns_per_run(&self) -> Option<f64> {
+    pub(super) fn ns_per_run(&self) -> Option<f64> {
         (self.runs > 0.0).then(|| self.run_time_ns / self.runs)
     }
 }
@@ -467,7 +467,7 @@ fn num(row: &Row, name: &str) -> Result<f64> {
 }
 
 /// Percentile `p` (0..=100) by linear interpolation between closest ranks; `None` if empty.
-pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+pub(super) fn percentile(samples: &[f64], p: f64) -> Option<f64> {
     let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return None;
@@ -481,13 +481,13 @@ pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
 
 /// `a ÷ b`, `None` when undefined. `b` is clamped to 1 ms (the resolution these latencies are
 /// reported with) so a tiny or negative divisor gives a lower bound instead of exploding.
-pub fn ratio(a: f64, b: f64) -> Option<f64> {
+pub(super) fn ratio(a: f64, b: f64) -> Option<f64> {
     const FLOOR_MS: f64 = 1.0;
     (a.is_finite() && b.is_finite()).then(|| a / b.max(FLOOR_MS))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Stats {
+pub(super) struct Stats {
     pub n: usize,
     pub min: f64,
     pub p50: f64,
@@ -496,7 +496,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn of(samples: &[f64]) -> Option<Stats> {
+    pub(super) fn of(samples: &[f64]) -> Option<Stats> {
         Some(Stats {
             n: samples.len(),
             min: percentile(samples, 0.0)?,

@@ -27,7 +27,7 @@ use data::KernelData;
 const PARTS: [&str; 5] = ["latency", "idle", "overhead", "storm", "managed"];
 
 #[derive(Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Iteration mode (a few minutes): 6.12 only, 5 ramps per tier, 15 s idle, 3 overhead
     /// pairs, 10 s storms.
     #[arg(long)]
@@ -61,7 +61,7 @@ pub struct BenchArgs {
     no_host: bool,
 }
 
-pub fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
+pub(crate) fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
     let began = Instant::now();
     for p in args.parts.split(',').filter(|p| !p.is_empty()) {
         if !PARTS.contains(&p) {
@@ -122,9 +122,10 @@ pub fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
 
     // The host part first: it is quick and needs no VM.
     // SAFETY: geteuid has no preconditions.
+    let is_root = unsafe { libc::geteuid() } == 0;
     if args.no_host {
         info("host-kernel part skipped (--no-host)");
-    } else if unsafe { libc::geteuid() } != 0 {
+    } else if !is_root {
         info("host-kernel part skipped: loading BPF programs on the host needs root");
     } else {
         step("host kernel: start-up, overhead and event storms (vm-monitor trace)");

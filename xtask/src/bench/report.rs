@@ -10,28 +10,28 @@ use serde_json::{Value, json};
 use super::data::{IdleSample, KernelData, Stats, percentile, ratio};
 
 /// The project's performance targets.
-pub const LATENCY_RATIO_TARGET: f64 = 50.0;
-pub const IDLE_WAKEUPS_TARGET: f64 = 0.3;
-pub const OVERHEAD_PCT_TARGET: f64 = 2.0;
-pub const STORM_CPU_PCT_TARGET: f64 = 2.0;
+pub(super) const LATENCY_RATIO_TARGET: f64 = 50.0;
+pub(super) const IDLE_WAKEUPS_TARGET: f64 = 0.3;
+pub(super) const OVERHEAD_PCT_TARGET: f64 = 2.0;
+pub(super) const STORM_CPU_PCT_TARGET: f64 = 2.0;
 /// "RSS stays flat": the storm's peak at most this far above its first sample.
-pub const STORM_RSS_GROWTH_KIB: f64 = 2048.0;
-pub const IDLE_RSS_MIB_TARGET: f64 = 20.0;
+pub(super) const STORM_RSS_GROWTH_KIB: f64 = 2048.0;
+pub(super) const IDLE_RSS_MIB_TARGET: f64 = 20.0;
 /// Requests per second while held above the threshold without a grant: the 1 s rate limit,
 /// less what a reading and a frame add per round (Neon's polling monitor: ~0.9/s).
-pub const HELD_RATE_MIN_PER_S: f64 = 0.8;
-pub const HELD_RATE_MAX_PER_S: f64 = 1.05;
+pub(super) const HELD_RATE_MIN_PER_S: f64 = 0.8;
+pub(super) const HELD_RATE_MAX_PER_S: f64 = 1.05;
 /// The fake agent's health-check period (the real agent's default).
 const HEALTH_INTERVAL_S: f64 = 5.0;
 
-pub struct HostInfo {
+pub(super) struct HostInfo {
     pub release: String,
     pub cpu: String,
     pub cpus: usize,
 }
 
 impl HostInfo {
-    pub fn read() -> HostInfo {
+    pub(super) fn read() -> HostInfo {
         let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         HostInfo {
             release: fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -49,7 +49,7 @@ impl HostInfo {
 }
 
 /// How the bench was run, for the report's header.
-pub struct RunInfo {
+pub(super) struct RunInfo {
     pub command: String,
     pub ramps: u64,
     pub idle_secs: u64,
@@ -63,7 +63,7 @@ fn stats_json(s: Stats) -> Value {
     json!({"n": s.n, "min": s.min, "p50": s.p50, "p90": s.p90, "max": s.max})
 }
 
-pub fn summary_json(runs: &[KernelData]) -> Value {
+pub(super) fn summary_json(runs: &[KernelData]) -> Value {
     let mut root = serde_json::Map::new();
     for d in runs {
         let mut k = serde_json::Map::new();
@@ -208,7 +208,7 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 }
 
 /// The headline table (Markdown): latency and idle cost per VM kernel and tier.
-pub fn summary_table(runs: &[KernelData]) -> String {
+pub(super) fn summary_table(runs: &[KernelData]) -> String {
     let mut t = String::new();
     t.push_str(
         "| kernel | tier | n | latency p50 ms | p90 ms | max ms | ÷ ebpf p50 | idle wakeups/s | idle CPU ms/s | RSS MiB |\n",
@@ -242,7 +242,7 @@ pub fn summary_table(runs: &[KernelData]) -> String {
 }
 
 /// Second headline table: overhead, program cost, storm, per kernel.
-pub fn cost_table(runs: &[KernelData]) -> String {
+pub(super) fn cost_table(runs: &[KernelData]) -> String {
     let mut t = String::new();
     t.push_str("| kernel | workload slowdown p50 % (min … max) | program ns/run JIT on | JIT off | storm events/s → records/s | storm CPU % | storm RSS first → peak MiB | drops |\n");
     t.push_str("|---|---|---|---|---|---|---|---|\n");
@@ -314,7 +314,7 @@ fn verdict(met: Option<bool>, what: &str, detail: &str) -> String {
     format!("- {mark}: {what} — {detail}\n")
 }
 
-pub fn report_md(runs: &[KernelData], host: &HostInfo, info: &RunInfo) -> String {
+pub(super) fn report_md(runs: &[KernelData], host: &HostInfo, info: &RunInfo) -> String {
     let mut r = String::new();
     let _ = writeln!(r, "# vm-monitor benchmark\n");
     let _ = writeln!(
