@@ -28,7 +28,45 @@ pub fn binary() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("debug").join("vm-monitor")
+    let bin = target.join("debug").join("vm-monitor");
+    assert_fresh(&bin);
+    bin
+}
+
+/// Panics if `bin` is older than any source it is built from: a test of a stale binary passes
+/// or fails for the wrong code. (`cargo xtask test` builds it first; a bare `cargo test -p
+/// tests` does not.)
+fn assert_fresh(bin: &std::path::Path) {
+    fn newest(dir: &std::path::Path, newest_seen: &mut std::time::SystemTime) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                newest(&path, newest_seen);
+            } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
+                *newest_seen = (*newest_seen).max(modified);
+            }
+        }
+    }
+    static CHECKED: std::sync::Once = std::sync::Once::new();
+    CHECKED.call_once(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut sources = std::time::SystemTime::UNIX_EPOCH;
+        for dir in ["monitor/src", "monitor-ebpf/src"] {
+            newest(&root.join(dir), &mut sources);
+        }
+        let built = std::fs::metadata(bin)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|e| panic!("{}: {e}; build it: cargo build -p monitor", bin.display()));
+        assert!(
+            built >= sources,
+            "{} is older than the monitor sources: rebuild it (cargo build -p monitor) or set \
+             VM_MONITOR_BIN",
+            bin.display()
+        );
+    });
 }
 
 impl Daemon {
