@@ -724,22 +724,7 @@ mod tests {
         prometheus_parse::Scrape::parse(lines).expect("exposition parses")
     }
 
-    fn value(
-        scrape: &prometheus_parse::Scrape,
-        name: &str,
-        labels: &[(&str, &str)],
-    ) -> Option<f64> {
-        scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => f64::NAN,
-            })
-    }
+    use ::tests::benchkit::sample_value as value;
 
     struct FakeKernel;
 

@@ -14,6 +14,7 @@ use monitor::metrics::Metrics;
 use monitor::policy::{self, Config, DecisionKind, Policy};
 use monitor::pressure::{PressureEvent, PressureKind, RecordKind, Tier};
 use prometheus_parse::{Scrape, Value};
+use tests::benchkit::sample_value as value;
 use tokio::sync::{mpsc, watch};
 
 const GIB: u64 = 1 << 30;
@@ -22,16 +23,6 @@ fn scrape(m: &Metrics) -> Scrape {
     let text = m.encode(false).expect("metrics encode");
     Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .unwrap_or_else(|e| panic!("exposition does not parse: {e}\n{text}"))
-}
-
-fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .and_then(|x| match x.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
-            _ => None,
-        })
 }
 
 /// (count, sum) of the reaction-latency histogram.

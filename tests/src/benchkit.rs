@@ -96,6 +96,18 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 /// A parsed `/metrics` page.
 pub struct MetricsPage(Scrape);
 
+/// The value of the sample `name` with (at least) `labels` in a parsed `/metrics` page
+/// (counters, gauges, untyped); `None` if absent. The one lookup all tests share.
+pub fn sample_value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .and_then(|x| match x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
 impl MetricsPage {
     pub async fn scrape(addr: SocketAddr) -> anyhow::Result<MetricsPage> {
         let r = crate::http::get(addr, "/metrics", None).await?;
@@ -103,6 +115,11 @@ impl MetricsPage {
         let s =
             Scrape::parse(r.body.lines().map(|l| Ok(l.to_string()))).context("parsing /metrics")?;
         Ok(MetricsPage(s))
+    }
+
+    /// The value of `name` with (at least) `labels` ([`sample_value`]).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        sample_value(&self.0, name, labels)
     }
 
     /// Every sample of `name` as (label set, value).

@@ -151,15 +151,14 @@ async fn agent_served_during<F: std::future::Future>(
     (out, ok, failed)
 }
 
-/// Metric value from /metrics on the agent port (no --metrics-addr in these tests).
+/// Refusals counted for `reason` (from /metrics on the agent port).
 async fn refused(d: &Daemon, reason: &str) -> f64 {
-    let r = tests::http::get(d.addr, "/metrics", None).await.unwrap();
-    let line = format!("vm_monitor_connections_refused_total{{reason=\"{reason}\"}} ");
-    r.body
-        .lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {line} in /metrics"))
+    let page = tests::benchkit::MetricsPage::scrape(d.addr).await.unwrap();
+    page.value(
+        "vm_monitor_connections_refused_total",
+        &[("reason", reason)],
+    )
+    .unwrap_or_else(|| panic!("no refusals counter for {reason} in /metrics"))
 }
 
 /// Whether the daemon closed `tcp` (EOF or reset) within `within`.

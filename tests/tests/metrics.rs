@@ -9,9 +9,10 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::time::Duration;
 
-use prometheus_parse::{Scrape, Value as Sample};
+use prometheus_parse::Scrape;
 use serde_json::Value;
 use tests::agent::{AgentConfig, Alloc, FakeAgent};
+use tests::benchkit::sample_value as value;
 use tests::daemon::Daemon;
 use tests::http::get;
 
@@ -36,17 +37,6 @@ async fn scrape(addr: SocketAddr) -> Scrape {
         );
     }
     s
-}
-
-/// Value of the sample `name` with (at least) `labels`; `None` if absent.
-fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .and_then(|x| match x.value {
-            Sample::Counter(v) | Sample::Gauge(v) | Sample::Untyped(v) => Some(v),
-            _ => None,
-        })
 }
 
 /// Scrapes until `name{labels}` equals `want` (the daemon updates some metrics after replying).
