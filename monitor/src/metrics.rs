@@ -594,7 +594,7 @@ impl Collector for LiveCollector {
             counter(
                 &mut enc,
                 "upscale_requests_sent",
-                "UpscaleRequest frames sent to the agent (after the session's 1/s limit; none while no agent is connected).",
+                "UpscaleRequest frames sent to the agent: one per request of the policy (rate-limited there) while an agent is connected.",
                 s.upscale_requests_sent(),
             )?;
         }

@@ -175,7 +175,7 @@ impl Sessions {
         self.accepted.load(Ordering::Relaxed)
     }
 
-    /// `UpscaleRequest` frames sent to agents so far (after the per-session rate limit).
+    /// `UpscaleRequest` frames sent to agents so far (one per wish of the backend).
     pub fn upscale_requests_sent(&self) -> u64 {
         self.upscale_requests_sent.load(Ordering::Relaxed)
     }
