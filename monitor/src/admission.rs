@@ -270,12 +270,11 @@ impl Admission {
         })
     }
 
-    /// A slot for a websocket that has yet to complete the handshake.
+    /// A slot for a websocket that has yet to complete the handshake (the caller answers and
+    /// counts a refusal).
     pub fn handshake(self: &Arc<Self>) -> Result<HandshakeSlot, Refusal> {
         let mut open = self.lock();
         if open.handshaking >= self.limits.max_handshaking {
-            drop(open);
-            self.refused(Refusal::TooManyHandshaking);
             return Err(Refusal::TooManyHandshaking);
         }
         open.handshaking += 1;

@@ -143,13 +143,8 @@ async fn monitor_ws(
     let slot = match state.admission.handshake() {
         Ok(slot) => slot,
         Err(why) => {
-            // `handshake()` counted it already.
-            warn_limited!(?peer, reason = why.name(), "agent websocket refused");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "vm-monitor: too many websocket handshakes in progress\n",
-            )
-                .into_response();
+            let text = "too many websocket handshakes in progress".to_string();
+            return refuse(&state, peer, why, text);
         }
     };
     let limit = state.config.max_message_size;

@@ -456,16 +456,18 @@ async fn handshake(socket: &mut WebSocket, ctx: &SessionContext, conn: u64) -> H
         let text = match socket.recv().await {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(b))) => {
-                let reply = protocol::HandshakeReply::refused(format!(
+                let error = format!(
                     "expected a text frame with the protocol version range, got a {}-byte binary frame",
                     b.len()
-                ));
-                let _ = socket.send(Message::Text(reply.to_json().into())).await;
-                return HandshakeOutcome::Failed {
-                    code: close_code::PROTOCOL,
-                    reason: "expected protocol version range",
-                    log: "binary first frame".to_string(),
-                };
+                );
+                return refuse(
+                    socket,
+                    error,
+                    close_code::PROTOCOL,
+                    "expected protocol version range",
+                    "binary first frame".to_string(),
+                )
+                .await;
             }
             // Control frames are answered by tungstenite; keep waiting for the range.
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -485,16 +487,19 @@ async fn handshake(socket: &mut WebSocket, ctx: &SessionContext, conn: u64) -> H
         if text.len() > HANDSHAKE_FRAME_MAX {
             // Refused unparsed: a version range is ~20 bytes, and parsing what a stranger
             // sends first is the cheapest work to make us do.
-            let reply = protocol::HandshakeReply::refused(format!(
+            let error = format!(
                 "the protocol version range must be at most {HANDSHAKE_FRAME_MAX} bytes, got {}",
                 text.len()
-            ));
-            let _ = socket.send(Message::Text(reply.to_json().into())).await;
-            return HandshakeOutcome::Failed {
-                code: close_code::PROTOCOL,
-                reason: "expected protocol version range",
-                log: format!("oversized first frame ({} bytes)", text.len()),
-            };
+            );
+            let log = format!("oversized first frame ({} bytes)", text.len());
+            return refuse(
+                socket,
+                error,
+                close_code::PROTOCOL,
+                "expected protocol version range",
+                log,
+            )
+            .await;
         }
         let reply = protocol::negotiate(text.as_str());
         if !reply.is_accepted() {
@@ -515,13 +520,8 @@ async fn handshake(socket: &mut WebSocket, ctx: &SessionContext, conn: u64) -> H
             Claim::Won { kill, seat } => (kill, seat),
             Claim::Refused(why) => {
                 ctx.admission.refused(crate::admission::Refusal::SeatTaken);
-                let reply = protocol::HandshakeReply::refused(why.clone());
-                let _ = socket.send(Message::Text(reply.to_json().into())).await;
-                return HandshakeOutcome::Failed {
-                    code: close_code::AGAIN,
-                    reason: "another agent session is active",
-                    log: why,
-                };
+                let reason = "another agent session is active";
+                return refuse(socket, why.clone(), close_code::AGAIN, reason, why).await;
             }
         };
         ctx.backend.agent_connected(conn);
@@ -536,6 +536,19 @@ async fn handshake(socket: &mut WebSocket, ctx: &SessionContext, conn: u64) -> H
             seat,
         };
     }
+}
+
+/// Answers the first frame with `{"error": error}`; the caller closes with `code`/`reason`.
+async fn refuse(
+    socket: &mut WebSocket,
+    error: String,
+    code: u16,
+    reason: &'static str,
+    log: String,
+) -> HandshakeOutcome {
+    let reply = protocol::HandshakeReply::refused(error);
+    let _ = socket.send(Message::Text(reply.to_json().into())).await;
+    HandshakeOutcome::Failed { code, reason, log }
 }
 
 /// Sends a close frame on a not-yet-split socket and waits (bounded) for the peer's reply.
