@@ -101,6 +101,12 @@ pub(crate) fn run(setup: &mut Setup, args: &TestArgs) -> Result<ExitCode> {
     ];
     stages.extend(KernelLine::ALL.map(Stage::Vm));
 
+    // A full run needs about 5 GiB under target/ (more on a first build of every feature set).
+    if let Some(free) = free_mib(&setup.paths.target).filter(|&mib| mib < 8 * 1024) {
+        loud(format!(
+            "only {free} MiB free on the filesystem holding target/: the build may run out"
+        ));
+    }
     let mut run = Run {
         setup,
         vm_exes: Vec::new(),
@@ -126,6 +132,10 @@ pub(crate) fn run(setup: &mut Setup, args: &TestArgs) -> Result<ExitCode> {
             Err(err) => {
                 failed = true;
                 eprintln!("error: stage `{}` failed: {err:#}", stage.name());
+                // A full disk fails a build with one terse error; say how much was left.
+                if let Some(free) = free_mib(&run.setup.paths.target) {
+                    eprintln!("note: {free} MiB free on the filesystem holding target/");
+                }
                 Outcome::Failed(format!("{err:#}"))
             }
         };
@@ -167,6 +177,21 @@ pub(crate) fn run(setup: &mut Setup, args: &TestArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Free space, in MiB, on the filesystem holding `path` (the nearest existing ancestor).
+fn free_mib(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let c_path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: c_path is NUL-terminated and st is a valid out-pointer for one statvfs.
+    if unsafe { libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled st.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize) >> 20)
 }
 
 impl Run<'_> {
