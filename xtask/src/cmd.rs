@@ -88,6 +88,36 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs a noisy installer with its output in `log` instead of the terminal (a first set-up
+/// would otherwise print thousands of lines); on failure prints the log's last lines.
+pub(crate) fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
+    let line = display(cmd);
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out
+        .try_clone()
+        .with_context(|| format!("opening {} twice", log.display()))?;
+    println!("    $ {line}  (output: {})", log.display());
+    let st = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .status()
+        .with_context(|| format!("could not start `{line}`"))?;
+    if !st.success() {
+        const TAIL: usize = 40;
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for l in &lines[lines.len().saturating_sub(TAIL)..] {
+            eprintln!("    | {l}");
+        }
+        bail!("`{line}` failed ({st}); its output is in {}", log.display());
+    }
+    Ok(())
+}
+
 /// Runs a query quietly and returns its stdout; a non-zero exit is an error carrying stderr.
 pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let line = display(cmd);
@@ -146,38 +176,29 @@ pub(crate) fn cargo() -> Command {
     Command::new(env::var_os("CARGO").unwrap_or_else(|| OsStr::new("cargo").to_owned()))
 }
 
-/// Cargo profile to build with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Profile {
-    Debug,
-    /// What operators run, and so what benchmarks measure.
-    Release,
-}
-
 /// Builds `vm-monitor` and the given `tests` binaries, returning their paths in that order:
-/// what every command that runs a guest-side driver needs first.
+/// what every command that runs a guest-side driver needs first. Release builds: what operators
+/// run (a debug tokio/axum is several times slower), so what the demo and the bench show.
 pub(crate) fn build_guest_binaries(
     root: &Path,
     target: &Path,
     bins: &[&str],
-    profile: Profile,
 ) -> Result<Vec<PathBuf>> {
-    let (flag, dir) = match profile {
-        Profile::Debug => (None, "debug"),
-        Profile::Release => (Some("--release"), "release"),
-    };
+    let (flag, dir) = (Some("--release"), "release");
     step(format!(
-        "building vm-monitor and {} ({dir})",
+        "building vm-monitor and {} ({dir}; a first build takes several minutes, cargo quiet)",
         bins.join(", ")
     ));
+    // Quiet: errors still print; progress and the eBPF build's forwarded output would fill
+    // screens.
     run(cargo()
         .current_dir(root)
-        .args(["build", "-p", "monitor"])
+        .args(["build", "--quiet", "-p", "monitor"])
         .args(flag))?;
     let mut tests = cargo();
     tests
         .current_dir(root)
-        .args(["build", "-p", "tests"])
+        .args(["build", "--quiet", "-p", "tests"])
         .args(flag);
     for bin in bins {
         tests.args(["--bin", bin]);

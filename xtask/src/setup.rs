@@ -152,8 +152,11 @@ impl Setup {
     fn apt_update(&mut self) -> Result<()> {
         if !self.apt_updated {
             info("refreshing apt package lists (waits for the Debian mirrors)");
-            cmd::run(Command::new("apt-get").arg("update"))
-                .context("apt-get update failed (setup must run as root)")?;
+            cmd::run_logged(
+                Command::new("apt-get").arg("update"),
+                &self.paths.xtask_dir().join("logs/apt-update.log"),
+            )
+            .context("apt-get update failed (setup must run as root)")?;
             self.apt_updated = true;
         }
         Ok(())
@@ -177,11 +180,12 @@ impl Setup {
         }
         info(format!("installing {}", missing.join(" ")));
         self.apt_update()?;
-        cmd::run(
+        cmd::run_logged(
             Command::new("apt-get")
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .args(["install", "-y"])
                 .args(&missing),
+            &self.paths.xtask_dir().join("logs/apt-install.log"),
         )
         .with_context(|| format!("installing {}", missing.join(" ")))
     }
@@ -249,7 +253,7 @@ impl Setup {
             return Ok(());
         }
         info("building bpf-linker from crates.io (one to two minutes)");
-        cmd::run(
+        cmd::run_logged(
             cmd::cargo()
                 .env("PATH", cmd::path_with(&[Path::new(LLVM_BIN)])?)
                 .args([
@@ -261,6 +265,7 @@ impl Setup {
                     "--features",
                     "llvm-22",
                 ]),
+            &self.paths.xtask_dir().join("logs/bpf-linker.log"),
         )
         .context("building bpf-linker")?;
         if find_program("bpf-linker", &[]).is_none() {

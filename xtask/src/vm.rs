@@ -6,9 +6,11 @@
 
 use std::env;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead as _, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle, sleep};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -60,6 +62,7 @@ impl VmArgs {
             timeout: self.timeout.map(Duration::from_secs),
             cwd: None,
             command: self.command,
+            quiet: false,
         })
     }
 }
@@ -75,6 +78,9 @@ pub(crate) struct VmRun {
     /// Where the command starts in the guest (default: the current directory).
     pub cwd: Option<PathBuf>,
     pub command: Vec<String>,
+    /// Keep the boot and the kernel's console messages out of the terminal: they go to
+    /// `console.log` in the shared directory, and only the guest command's own lines are shown.
+    pub quiet: bool,
 }
 
 impl VmRun {
@@ -88,6 +94,7 @@ impl VmRun {
             timeout: None,
             cwd: None,
             command,
+            quiet: false,
         }
     }
 }
@@ -185,16 +192,40 @@ pub(crate) fn run_with_dir(setup: &mut Setup, vm: &VmRun) -> Result<(i32, PathBu
             vm.memory,
             out.display()
         ));
-        info("waiting for the guest (a boot takes about 10 s); its console follows");
-        println!("    $ {}", cmd::display(&vng_cmd));
+        let console_log = out.join(CONSOLE_LOG);
+        let filter = if vm.quiet {
+            info(format!(
+                "waiting for the guest (a boot takes about 10 s); its console goes to {}",
+                console_log.display()
+            ));
+            let log = fs::File::create(&console_log)
+                .with_context(|| format!("creating {}", console_log.display()))?;
+            Some(Arc::new(ConsoleFilter::new(log)))
+        } else {
+            info("waiting for the guest (a boot takes about 10 s); its console follows");
+            println!("    $ {}", cmd::display(&vng_cmd));
+            None
+        };
         let started = Instant::now();
         let mut child = vng_cmd
             .spawn()
             .with_context(|| format!("could not start {}", vng.display()))?;
-        let relays = [
-            child.stdout.take().map(|out| relay(out, io::stdout())),
-            child.stderr.take().map(|err| relay(err, io::stderr())),
-        ];
+        let relays = match &filter {
+            None => [
+                child.stdout.take().map(|out| relay(out, io::stdout())),
+                child.stderr.take().map(|err| relay(err, io::stderr())),
+            ],
+            Some(filter) => [
+                child
+                    .stdout
+                    .take()
+                    .map(|out| relay_filtered(out, filter.clone())),
+                child
+                    .stderr
+                    .take()
+                    .map(|err| relay_filtered(err, filter.clone())),
+            ],
+        };
         let ready = out.join(READY_FILE);
         let mut boot_time = None;
         let status = loop {
@@ -232,14 +263,16 @@ pub(crate) fn run_with_dir(setup: &mut Setup, vm: &VmRun) -> Result<(i32, PathBu
             // text patching); the command never started, so booting again loses nothing.
             Err(_) if boot_time.is_none() && attempt < BOOT_ATTEMPTS => {
                 step(format!(
-                    "the guest died before the command started (vng exited with {status}; console above); booting again ({}/{BOOT_ATTEMPTS})",
+                    "the guest died before the command started (vng exited with {status}; console in {}); booting again ({}/{BOOT_ATTEMPTS})",
+                    console_where(vm.quiet, &console_log),
                     attempt + 1
                 ));
                 continue;
             }
             Err(_) => bail!(
                 "the guest never reported the command's exit code (vng exited with {status}); \
-                 the kernel or guest-init.sh failed before the command ran, see the console above"
+                 the kernel or guest-init.sh failed before the command ran, see the console {}",
+                console_where(vm.quiet, &console_log)
             ),
         };
         let boot = boot_time.map_or_else(
@@ -254,6 +287,78 @@ pub(crate) fn run_with_dir(setup: &mut Setup, vm: &VmRun) -> Result<(i32, PathBu
         return Ok((code, out));
     }
     bail!("the VM was not booted (no attempt left)")
+}
+
+/// The guest's whole console, in the shared directory, when the run is quiet.
+const CONSOLE_LOG: &str = "console.log";
+
+fn console_where(quiet: bool, log: &Path) -> String {
+    if quiet {
+        log.display().to_string()
+    } else {
+        "above".to_owned()
+    }
+}
+
+/// What a quiet run shows: everything goes to the console log; the terminal gets the lines from
+/// guest-init's "running:" line on, minus the kernel's own messages (`[   12.345678] ...`).
+struct ConsoleFilter {
+    log: Mutex<fs::File>,
+    command_started: AtomicBool,
+}
+
+impl ConsoleFilter {
+    fn new(log: fs::File) -> Self {
+        ConsoleFilter {
+            log: Mutex::new(log),
+            command_started: AtomicBool::new(false),
+        }
+    }
+
+    fn line(&self, line: &str) {
+        if let Ok(mut log) = self.log.lock() {
+            let _ = writeln!(log, "{line}");
+        }
+        let text = line.trim_end_matches('\r');
+        if text.starts_with("guest-init: running:") {
+            self.command_started.store(true, Ordering::Relaxed);
+            return;
+        }
+        if !self.command_started.load(Ordering::Relaxed) || is_kernel_message(text) {
+            return;
+        }
+        // guest-init's own bookkeeping ("exit code N") is reported by the host anyway.
+        if text.starts_with("guest-init: ") {
+            return;
+        }
+        println!("{text}");
+    }
+}
+
+/// A printk line as the serial console shows it: `[ seconds.micros] message`.
+fn is_kernel_message(line: &str) -> bool {
+    let Some(rest) = line.trim_start().strip_prefix('[') else {
+        return false;
+    };
+    let Some((stamp, _)) = rest.split_once(']') else {
+        return false;
+    };
+    let stamp = stamp.trim();
+    !stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+fn relay_filtered(from: impl Read + Send + 'static, filter: Arc<ConsoleFilter>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut reader = io::BufReader::new(from);
+        let mut buf = Vec::new();
+        // Lines, not UTF-8 strings: a console can carry any byte.
+        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            let line = String::from_utf8_lossy(&buf);
+            filter.line(line.trim_end_matches('\n'));
+            buf.clear();
+        }
+        let _ = io::stdout().flush();
+    })
 }
 
 /// Copies a child's output to ours as it arrives.
@@ -345,4 +450,19 @@ fn child_map() -> Vec<(u32, u32)> {
             Some((pid, ppid))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_kernel_message;
+
+    #[test]
+    fn kernel_messages_are_told_from_the_command_output() {
+        assert!(is_kernel_message("[    1.234567] virtio_net virtio1: ..."));
+        assert!(is_kernel_message("  [12345.000001] oom-kill:"));
+        assert!(!is_kernel_message("==> demo: starting Postgres"));
+        assert!(!is_kernel_message("[] not a stamp"));
+        assert!(!is_kernel_message("[abc] bracketed text"));
+        assert!(!is_kernel_message("   12.345 s  agent → UpscaleRequest"));
+    }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 
-use crate::cmd::{self, Profile, info, step};
+use crate::cmd::{self, info, step};
 use crate::setup::{KernelLine, Setup};
 use crate::vm::{self, VmRun};
 use data::KernelData;
@@ -71,13 +71,7 @@ pub(crate) fn run(setup: &mut Setup, args: &BenchArgs) -> Result<ExitCode> {
     setup.all()?;
     let root = setup.paths.root.clone();
     let target = setup.paths.target.clone();
-    // Release builds: what operators run (a debug tokio/axum is several times slower).
-    let built = cmd::build_guest_binaries(
-        &root,
-        &target,
-        &["bench", "memhog", "bench-host"],
-        Profile::Release,
-    )?;
+    let built = cmd::build_guest_binaries(&root, &target, &["bench", "memhog", "bench-host"])?;
     let (monitor_bin, driver, host_driver) = (built[0].clone(), built[1].clone(), built[3].clone());
 
     let quick = args.quick;
