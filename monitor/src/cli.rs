@@ -69,6 +69,16 @@ pub struct ServeArgs {
     /// Others get HTTP 403 before any websocket exists. Narrow it to the agent's network.
     #[arg(long, value_name = "LIST", default_value = "private")]
     pub agent_allow: crate::admission::AgentAllow,
+    /// The daemon's own /proc/self/oom_score_adj (-1000..=1000): under the memory pressure it
+    /// exists to report, the kernel should kill Postgres' backends before the daemon that asks
+    /// for their memory. Lowering it needs CAP_SYS_RESOURCE (logged and skipped without).
+    #[arg(long, value_name = "ADJ", default_value_t = -900, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    pub oom_score_adj: i32,
+    /// Keep every capability the daemon started with. By default, once the programs are
+    /// attached and every privileged file is open, it drops them all and sets no_new_privs.
+    #[arg(long)]
+    pub keep_privileges: bool,
     /// Leave Nagle's algorithm on for agent connections (only to measure what TCP_NODELAY
     /// saves).
     #[arg(long, hide = true)]
@@ -310,5 +320,36 @@ mod tests {
             ..crate::policy::Config::default()
         };
         assert_eq!(cfg, expected);
+    }
+
+    /// The daemon's command line in each shipped service definition parses, with the OOM score
+    /// and privilege defaults the README describes.
+    #[test]
+    fn shipped_service_command_lines_parse() {
+        let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+        let inittab = std::fs::read_to_string(format!("{deploy}/inittab")).expect("inittab");
+        let unit = std::fs::read_to_string(format!("{deploy}/vm-monitor.service")).expect("unit");
+        let from_inittab = inittab
+            .lines()
+            .find_map(|l| l.strip_prefix("::respawn:"))
+            .and_then(|l| l.split_once(" -- "))
+            .map(|(_, daemon)| daemon.to_owned())
+            .expect("a ::respawn: line with `setpriv ... -- vm-monitor ...`");
+        let from_unit = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("ExecStart=")
+            .to_owned();
+        assert_eq!(
+            from_inittab, from_unit,
+            "the two service files start it differently"
+        );
+        let words: Vec<&str> = from_unit.split_whitespace().collect();
+        assert_eq!(words.first(), Some(&"/usr/local/bin/vm-monitor"));
+        let cli = Cli::try_parse_from(&words).expect("the shipped command line parses");
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.cgroup.as_deref(), Some("neon-postgres"));
+        assert_eq!(cli.serve.oom_score_adj, -900);
+        assert!(!cli.serve.keep_privileges);
     }
 }

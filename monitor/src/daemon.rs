@@ -135,8 +135,33 @@ pub async fn start_pressure(
         Tier::Poll => vec![poll::spawn(target, tx)],
         Tier::Ebpf => bail!("internal error: eBPF tier reached the task path"),
     };
-    info!(%tier, %reason, kernel = %caps.kernel_release, cgroup = %target.name, "pressure signal tier chosen");
+    if choice == SignalChoice::Auto {
+        // A downgrade from the tier this daemon exists for is never silent.
+        warn!(%tier, %reason, kernel = %caps.kernel_release, cgroup = %target.name, "pressure signal tier chosen: not ebpf");
+    } else {
+        info!(%tier, %reason, kernel = %caps.kernel_release, cgroup = %target.name, "pressure signal tier chosen");
+    }
     Ok((tier, PressureSource::Tasks(tasks)))
+}
+
+/// Drops every capability unless `--keep-privileges`; logs what the process holds afterwards,
+/// and warns if a thread kept more (capabilities are per thread).
+fn drop_privileges(args: &ServeArgs) -> anyhow::Result<()> {
+    use crate::privileges;
+    if !args.keep_privileges {
+        privileges::drop_all_after_start()
+            .context("dropping capabilities after start-up (--keep-privileges keeps them all)")?;
+    }
+    match privileges::current() {
+        Ok(now) => info!(privileges = %now, kept_all = args.keep_privileges, "running with"),
+        Err(err) => warn!(error = %format!("{err:#}"), "cannot read this process's privileges"),
+    }
+    if !args.keep_privileges {
+        for (thread, held) in privileges::threads_holding_more() {
+            warn!(thread = %thread, capabilities = %held, "a thread kept capabilities the daemon dropped");
+        }
+    }
+    Ok(())
 }
 
 /// The policy configuration from the command line, validated, with errors naming the flag.
@@ -225,6 +250,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let signalled = shutdown_signal();
     mask_terminating_signals(libc::SIG_UNBLOCK);
     prefetch_executable();
+    // Before anything can allocate much: under pressure the kernel should pick a backend.
+    crate::privileges::set_oom_score_adj(args.oom_score_adj);
     let cfg = policy_config(&args)?;
     let policy = policy::Policy::new(cfg.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let rolling = match &args.record_dir {
@@ -304,18 +331,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let coalesce = Duration::from_millis(args.coalesce_ms);
                 let (tier, mut source) =
                     start_pressure(t, args.signal, coalesce, args.bpf_stats, tx).await?;
+                // Everything privileged is done (programs attached, triggers registered, files
+                // open), and no other thread exists yet: capabilities are per thread, and the
+                // threads started from here on inherit the reduced sets.
+                drop_privileges(&args)?;
                 if let PressureSource::Ebpf(programs) = &mut source {
                     growth_hint = programs.take_growth_hint();
                 }
                 if let PressureSource::Ebpf(programs) = &source {
                     metrics.set_kernel(Box::new(
-                        metrics::EbpfKernelSource::new(programs.counters(), programs.program_ids())
-                            .holding_run_stats(programs.holds_run_stats()),
+                        metrics::EbpfKernelSource::new(
+                            programs.counters(),
+                            programs.stats_reader(),
+                        )
+                        .holding_run_stats(programs.holds_run_stats()),
                     ));
                 }
                 (Some(rx), Some(source), Some(tier))
             }
-            None => (None, None, None),
+            None => {
+                drop_privileges(&args)?;
+                (None, None, None)
+            }
         };
         metrics.set_tier(tier);
         decision_log.set_tier(tier);

@@ -74,6 +74,40 @@ pub fn render_table(c: &Capabilities) -> String {
         };
         rows.push((format!("cgroup {}", cg.name), v));
     }
+    if let Some(level) = c.perf_event_paranoid {
+        rows.push((
+            "perf_event_paranoid".into(),
+            if level >= 3 {
+                format!("{level} (Debian's extra level: attaching needs CAP_SYS_ADMIN; set it to 2 for a non-root daemon with CAP_PERFMON)")
+            } else {
+                format!("{level} (CAP_PERFMON is enough to attach)")
+            },
+        ));
+    }
+    if let Some(p) = &c.process {
+        rows.push(("this process".into(), p.to_string()));
+        let has = |cap: &str| p.all_capabilities || p.effective.iter().any(|e| e == cap);
+        rows.push((
+            "ebpf tier needs".into(),
+            format!(
+                "CAP_BPF + CAP_PERFMON + CAP_DAC_READ_SEARCH to load and attach (here: {}); none once attached",
+                if has("CAP_BPF") && has("CAP_PERFMON") && has("CAP_DAC_READ_SEARCH") {
+                    "held"
+                } else {
+                    "missing"
+                }
+            ),
+        ));
+        rows.push((
+            "psi tier window".into(),
+            if has("CAP_SYS_RESOURCE") {
+                "500 ms (CAP_SYS_RESOURCE held)".into()
+            } else {
+                "2 s on kernels ≥ 6.5 and Debian's 6.1 (no CAP_SYS_RESOURCE: shorter windows are refused)"
+                    .into()
+            },
+        ));
+    }
     rows.push((
         "auto tier".into(),
         match c.auto_tier {

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod plot;
 pub mod policy;
 pub mod pressure;
+pub mod privileges;
 pub mod protocol;
 pub mod record;
 pub mod replay;

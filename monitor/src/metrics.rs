@@ -29,7 +29,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::backend::{ScalingOutcome, ScalingRequest};
 use crate::memstat::MemoryHigh;
 use crate::policy::{DecisionKind, Input, Policy};
-use crate::pressure::ebpf::{CounterReader, ProgramStats};
+use crate::pressure::ebpf::{CounterReader, ProgramStats, ProgramStatsReader};
 use crate::pressure::{PressureEvent, PressureKind, RecordKind, Tier, boottime_ns, kind_names};
 use crate::session::Sessions;
 
@@ -86,19 +86,18 @@ pub trait KernelSource: Send + Sync + 'static {
 /// [`KernelSource`] of a running eBPF pipeline.
 pub struct EbpfKernelSource {
     counters: CounterReader,
-    program_ids: Vec<(String, u32)>,
+    programs: ProgramStatsReader,
     /// The programs hold their own `BPF_ENABLE_STATS` (`--bpf-stats`), which the sysctl does
     /// not show.
     holds_run_stats: bool,
 }
 
 impl EbpfKernelSource {
-    /// From the pipeline's counter reader and program ids
-    /// ([`AttachedPrograms::program_ids`](crate::pressure::ebpf::AttachedPrograms::program_ids)).
-    pub fn new(counters: CounterReader, program_ids: Vec<(String, u32)>) -> Self {
+    /// From the pipeline's counter and statistics readers.
+    pub fn new(counters: CounterReader, programs: ProgramStatsReader) -> Self {
         Self {
             counters,
-            program_ids,
+            programs,
             holds_run_stats: false,
         }
     }
@@ -119,10 +118,7 @@ impl KernelSource for EbpfKernelSource {
         if !self.holds_run_stats && !crate::pressure::ebpf::bpf_stats_enabled()? {
             return Ok((false, Vec::new()));
         }
-        Ok((
-            true,
-            crate::pressure::ebpf::program_stats(&self.program_ids)?,
-        ))
+        Ok((true, self.programs.read()?))
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::cgroup::{CgroupMemory, CgroupTarget};
 use crate::cli::{ExportArgs, PlotArgs, TraceArgs, TraceCommand};
-use crate::pressure::ebpf::{EbpfOptions, EbpfPipeline, ProgramStats, program_stats};
+use crate::pressure::ebpf::{EbpfOptions, EbpfPipeline, ProgramStats};
 use crate::pressure::{PressureEvent, PressureKind, Tier, boottime_ns};
 use crate::record::{
     CgroupInfo, Header, KernelKindCounters, ReadSummary, ReadingRecord, Record, Recorder,
@@ -208,7 +208,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         r.finish(&counters)?;
     }
     let programs = if running.run_stats_enabled() {
-        program_stats(&running.program_ids())?
+        running.stats_reader().read()?
     } else {
         Vec::new()
     };

@@ -189,7 +189,7 @@ async fn engine_feeds_metrics_and_the_decision_log() {
 #[ignore = "needs root and the host kernel (loads BPF programs); run by hand with --ignored"]
 async fn ebpf_kernel_source_on_the_host() {
     use monitor::metrics::{EbpfKernelSource, KernelSource};
-    use monitor::pressure::ebpf::{EbpfOptions, EbpfPipeline, program_stats};
+    use monitor::pressure::ebpf::{EbpfOptions, EbpfPipeline};
 
     assert_eq!(
         // SAFETY: geteuid has no preconditions.
@@ -205,21 +205,22 @@ async fn ebpf_kernel_source_on_the_host() {
     .expect("loading the eBPF programs");
     let (tx, _rx) = mpsc::channel(65536);
     let programs = pipeline.start(tx).expect("starting the consumer");
-    let ids = programs.program_ids();
+    let reader = programs.stats_reader();
+    let names = reader.names();
     let known: Vec<&str> = monitor_ebpf::TRACEPOINTS.iter().map(|t| t.0).collect();
-    assert!(ids.len() >= 6, "{ids:?}");
+    assert!(names.len() >= 6, "{names:?}");
     assert!(
-        ids.iter().all(|(name, _)| known.contains(&name.as_str())),
-        "{ids:?}"
+        names.iter().all(|name| known.contains(&name.as_str())),
+        "{names:?}"
     );
 
     // Held for the rest of the test: the kernel accumulates run statistics meanwhile.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-    let stats = program_stats(&ids).expect("program statistics");
-    assert_eq!(stats.len(), ids.len(), "{stats:?}");
+    let stats = reader.read().expect("program statistics");
+    assert_eq!(stats.len(), names.len(), "{stats:?}");
     println!("{stats:?}");
 
-    let source = EbpfKernelSource::new(programs.counters(), ids);
+    let source = EbpfKernelSource::new(programs.counters(), reader);
     let (enabled, _) = source.programs().expect("program statistics");
     let metrics = Metrics::new();
     metrics.set_tier(Some(Tier::Ebpf));
@@ -292,7 +293,7 @@ async fn run_stats_option_exports_program_runs_without_the_sysctl() {
     assert!(status.success(), "workload failed: {status}");
     while rx.try_recv().is_ok() {}
 
-    let source = EbpfKernelSource::new(programs.counters(), programs.program_ids())
+    let source = EbpfKernelSource::new(programs.counters(), programs.stats_reader())
         .holding_run_stats(programs.holds_run_stats());
     let metrics = Metrics::new();
     metrics.set_tier(Some(Tier::Ebpf));

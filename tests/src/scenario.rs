@@ -764,6 +764,11 @@ pub struct MonitorOptions {
     /// `RUST_LOG` for the daemon. The default adds the engine's debug lines (memory.high
     /// writes) that scenarios check; benchmarks use the production default, `info`.
     pub rust_log: String,
+    /// A command the daemon is started through (e.g. `setpriv --reuid=...`), which must exec
+    /// it in place so the daemon keeps the child's pid. Empty: started directly.
+    pub wrapper: Vec<String>,
+    /// The daemon binary to run instead of [`crate::daemon::binary`].
+    pub binary: Option<PathBuf>,
 }
 
 impl MonitorOptions {
@@ -774,6 +779,8 @@ impl MonitorOptions {
             extra: Vec::new(),
             echo: false,
             rust_log: "info,monitor::engine=debug".to_string(),
+            wrapper: Vec::new(),
+            binary: None,
         }
     }
 }
@@ -792,14 +799,21 @@ impl Monitor {
     /// Starts the daemon and waits for its startup decision (memory.high = max, file cache,
     /// memory.high = threshold applied).
     pub fn start(cg: &Cgroup, opts: &MonitorOptions) -> anyhow::Result<Monitor> {
-        let bin = crate::daemon::binary();
+        let bin = opts.binary.clone().unwrap_or_else(crate::daemon::binary);
         ensure!(
             bin.is_file(),
             "{} is missing: build it with `cargo build -p monitor`",
             bin.display()
         );
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&bin);
+                cmd
+            }
+            None => Command::new(&bin),
+        };
         cmd.arg("--addr")
             .arg(addr.to_string())
             .args(["--cgroup", &cg.name, "--signal", &opts.signal])

@@ -307,7 +307,7 @@ impl EbpfPipeline {
             "eBPF programs attached"
         );
         Ok(AttachedPrograms {
-            _ebpf: self.ebpf,
+            ebpf: Arc::new(Mutex::new(self.ebpf)),
             consumer,
             logger,
             counters: self.counters,
@@ -320,7 +320,8 @@ impl EbpfPipeline {
 
 /// Running programs; dropping this detaches them and stops the consumer.
 pub struct AttachedPrograms {
-    _ebpf: Ebpf,
+    /// Shared with [`ProgramStatsReader`]s; owning it keeps the programs loaded and attached.
+    ebpf: Arc<Mutex<Ebpf>>,
     consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
     logger: Option<tokio::task::JoinHandle<()>>,
     counters: CounterReader,
@@ -357,12 +358,51 @@ impl AttachedPrograms {
         &self.attach
     }
 
-    /// Kernel ids of the loaded programs, by program name, for [`program_stats`].
-    pub fn program_ids(&self) -> Vec<(String, u32)> {
-        self._ebpf
-            .programs()
-            .filter_map(|(name, prog)| prog.info().ok().map(|i| (name.to_string(), i.id())))
-            .collect()
+    /// A reader of the programs' run statistics (see [`ProgramStatsReader`]).
+    pub fn stats_reader(&self) -> ProgramStatsReader {
+        ProgramStatsReader {
+            ebpf: self.ebpf.clone(),
+        }
+    }
+}
+
+/// Reads the loaded programs' run statistics through the daemon's own program fds
+/// (`BPF_OBJ_GET_INFO_BY_FD`), which needs no capability: it keeps working after the daemon has
+/// dropped its privileges, where listing programs by id would need CAP_SYS_ADMIN.
+#[derive(Clone)]
+pub struct ProgramStatsReader {
+    ebpf: Arc<Mutex<Ebpf>>,
+}
+
+impl ProgramStatsReader {
+    /// The loaded programs' names.
+    pub fn names(&self) -> Vec<String> {
+        self.ebpf
+            .lock()
+            .map(|ebpf| ebpf.programs().map(|(name, _)| name.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Current statistics, by program name. The kernel only accumulates them while
+    /// `kernel.bpf_stats_enabled=1` or a `BPF_ENABLE_STATS` fd is held; otherwise they stay 0.
+    pub fn read(&self) -> anyhow::Result<Vec<ProgramStats>> {
+        let ebpf = self
+            .ebpf
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the eBPF object lock is poisoned"))?;
+        let mut out = Vec::new();
+        for (name, prog) in ebpf.programs() {
+            let info = prog
+                .info()
+                .with_context(|| format!("reading the statistics of program {name}"))?;
+            out.push(ProgramStats {
+                program: name.to_string(),
+                run_count: info.run_count(),
+                run_time: info.run_time(),
+            });
+        }
+        out.sort_by(|a, b| a.program.cmp(&b.program));
+        Ok(out)
     }
 }
 
@@ -374,40 +414,6 @@ pub struct ProgramStats {
     pub program: String,
     pub run_count: u64,
     pub run_time: Duration,
-}
-
-/// Current run statistics of the programs in `ids` (from [`AttachedPrograms::program_ids`]).
-/// Programs no longer loaded are left out.
-pub fn program_stats(ids: &[(String, u32)]) -> anyhow::Result<Vec<ProgramStats>> {
-    let mut out = Vec::with_capacity(ids.len());
-    let mut last_err = None;
-    // aya offers no info-by-id for a program we do not hold, so walk the loaded ones; a
-    // program unloaded mid-walk only fails its own entry.
-    for info in aya::programs::loaded_programs() {
-        let info = match info {
-            Ok(i) => i,
-            Err(err) => {
-                last_err = Some(err);
-                continue;
-            }
-        };
-        if let Some((name, _)) = ids.iter().find(|(_, id)| *id == info.id()) {
-            out.push(ProgramStats {
-                program: name.clone(),
-                run_count: info.run_count(),
-                run_time: info.run_time(),
-            });
-        }
-    }
-    match last_err {
-        Some(err) if out.is_empty() && !ids.is_empty() => {
-            Err(anyhow::Error::new(err).context("listing loaded BPF programs"))
-        }
-        _ => {
-            out.sort_by(|a, b| a.program.cmp(&b.program));
-            Ok(out)
-        }
-    }
 }
 
 /// Whether the `kernel.bpf_stats_enabled` sysctl is on. (A `BPF_ENABLE_STATS` fd held by

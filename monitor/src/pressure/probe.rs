@@ -36,6 +36,12 @@ pub struct Capabilities {
     pub psi: bool,
     /// The watched cgroup, when one was named.
     pub cgroup: Option<CgroupStatus>,
+    /// `kernel.perf_event_paranoid`. Debian's kernels add a level 3 (their default) at which
+    /// attaching to a tracepoint needs CAP_SYS_ADMIN; at 2 (the upstream default) CAP_PERFMON
+    /// is enough.
+    pub perf_event_paranoid: Option<i32>,
+    /// This process's uid, capabilities, no_new_privs and OOM score adjustment.
+    pub process: Option<crate::privileges::ProcessPrivileges>,
     /// What `--signal auto` would pick, and why.
     pub auto_tier: Option<Tier>,
     pub auto_reason: String,
@@ -196,6 +202,10 @@ pub fn probe(cgroup: Option<&str>) -> Capabilities {
         memory_controller,
         psi: Path::new("/proc/pressure/memory").exists(),
         cgroup,
+        perf_event_paranoid: std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+            .ok()
+            .and_then(|s| s.trim().parse().ok()),
+        process: crate::privileges::current().ok(),
         auto_tier: None,
         auto_reason: String::new(),
     };

@@ -14,7 +14,7 @@ use inotify::{Inotify, WatchMask};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::{PressureEvent, PressureKind};
 use crate::cgroup::CgroupTarget;
@@ -73,6 +73,23 @@ pub fn spawn(
     ])
 }
 
+impl PsiTrigger {
+    /// The trigger an unprivileged process may register: since Linux 6.5 (and on stable kernels
+    /// with the change backported, Debian's 6.1 among them) a trigger whose opener lacks
+    /// CAP_SYS_RESOURCE must use a window that is a multiple of 2 s. The stall
+    /// threshold keeps its share of the window.
+    pub fn unprivileged(self) -> PsiTrigger {
+        const STEP_US: u128 = 2_000_000;
+        let window_us = self.window.as_micros().max(1);
+        let rounded = window_us.div_ceil(STEP_US) * STEP_US;
+        let stall_us = (self.stall.as_micros() * rounded / window_us).clamp(1, rounded);
+        PsiTrigger {
+            stall: Duration::from_micros(u64::try_from(stall_us).unwrap_or(u64::MAX)),
+            window: Duration::from_micros(u64::try_from(rounded).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
 fn register_trigger(path: &Path, trigger: PsiTrigger) -> anyhow::Result<AsyncFd<std::fs::File>> {
     let spec = trigger.spec()?;
     let mut file = OpenOptions::new()
@@ -82,8 +99,32 @@ fn register_trigger(path: &Path, trigger: PsiTrigger) -> anyhow::Result<AsyncFd<
         .open(path)
         .with_context(|| format!("opening {} (PSI enabled? boot with psi=1)", path.display()))?;
     // The trigger lives as long as this fd stays open.
-    file.write_all(format!("{spec}\0").as_bytes())
-        .with_context(|| format!("registering PSI trigger {spec:?} on {}", path.display()))?;
+    match file.write_all(format!("{spec}\0").as_bytes()) {
+        Ok(()) => info!(trigger = %spec, "PSI trigger registered"),
+        Err(err)
+            if err.raw_os_error() == Some(libc::EINVAL) && trigger.unprivileged() != trigger =>
+        {
+            let fallback = trigger.unprivileged();
+            let fallback_spec = fallback.spec()?;
+            file.write_all(format!("{fallback_spec}\0").as_bytes())
+                .with_context(|| {
+                    format!(
+                        "registering PSI trigger {spec:?} on {} (refused: {err}), then {fallback_spec:?}",
+                        path.display()
+                    )
+                })?;
+            warn!(
+                refused = %spec,
+                trigger = %fallback_spec,
+                "PSI trigger registered with a 2 s window: without CAP_SYS_RESOURCE this kernel accepts only multiples of 2 s (Linux 6.5, backported to some older stable kernels), and reports such triggers at most every 2 s"
+            );
+        }
+        Err(err) => {
+            return Err(err).with_context(|| {
+                format!("registering PSI trigger {spec:?} on {}", path.display())
+            });
+        }
+    }
     super::register_fd(file, Interest::PRIORITY)
         .with_context(|| format!("watching {} for POLLPRI", path.display()))
 }
@@ -186,6 +227,19 @@ async fn run_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unprivileged_triggers_use_two_second_windows() {
+        let t = PsiTrigger::default().unprivileged();
+        assert_eq!(t.window, Duration::from_secs(2));
+        assert_eq!(t.stall, Duration::from_millis(80));
+        assert_eq!(t.spec().unwrap(), "some 80000 2000000");
+        let already = PsiTrigger {
+            stall: Duration::from_millis(100),
+            window: Duration::from_secs(4),
+        };
+        assert_eq!(already.unprivileged(), already);
+    }
 
     #[test]
     fn trigger_spec_is_validated() {
